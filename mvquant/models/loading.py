@@ -1,0 +1,96 @@
+"""Resolve what the user named (alias, local dir, GGUF file, HF id) into a model and tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import MvquantError
+from .builtin import BUILTIN_ALIASES, builtin_model_dir
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
+
+
+def parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise MvquantError(f"unknown dtype '{dtype}': use one of {', '.join(sorted(DTYPES))}") from None
+
+
+def is_mvquant_checkpoint(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    with open(config) as f:
+        qc = json.load(f).get("quantization_config") or {}
+    return qc.get("quant_method") == "mvquant"
+
+
+def resolve_model_source(name: str | os.PathLike | None) -> dict:
+    """Return {'kind': 'builtin'|'dir'|'gguf'|'hub'|'mvquant', 'path': ..., 'gguf_file': ...}."""
+    if name is None or str(name).lower() in BUILTIN_ALIASES:
+        return {"kind": "builtin", "path": None}
+    p = Path(name)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise MvquantError(f"GGUF file '{p}' not found: check the path")
+        return {"kind": "gguf", "path": str(p.parent), "gguf_file": p.name}
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise MvquantError(f"'{p}' is a directory but not a model (no config.json): point to a "
+                               "directory written by save_pretrained or `mvquant quantize`")
+        return {"kind": "mvquant" if is_mvquant_checkpoint(p) else "dir", "path": str(p)}
+    if p.exists():
+        raise MvquantError(f"'{p}' is a file but not a .gguf model: give a model directory, a .gguf "
+                           "file, a Hugging Face id, or 'smollm2-135m'")
+    looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
+    if looks_like_path:
+        raise MvquantError(f"model path '{name}' does not exist: check the path, or use 'smollm2-135m'")
+    return {"kind": "hub", "path": str(name)}
+
+
+def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device_map=None,
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) in eval mode.
+
+    `name`: None or 'smollm2-135m' (the built-in model), a local directory, a .gguf file, an
+    mvquant checkpoint, or a Hugging Face id (needs the network unless it is in the HF cache).
+    `device_map`: passed to transformers/accelerate ('auto' offloads what does not fit).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model_source(name)
+    if src["kind"] == "mvquant":
+        from ..checkpoint import load as load_checkpoint  # quantized checkpoints have their own loader
+        return load_checkpoint(src["path"], device_map=device_map, return_tokenizer=True)
+    path = str(builtin_model_dir()) if src["kind"] == "builtin" else src["path"]
+    kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if src.get("gguf_file"):
+        kwargs["gguf_file"] = src["gguf_file"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": src["gguf_file"]} if src.get("gguf_file") else {}),
+                                                  trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        if src["kind"] == "hub":
+            raise MvquantError(f"could not load '{name}' from the Hugging Face hub or its cache ({_first_line(e)}): "
+                               "check the id and your network, or give a local directory") from None
+        raise MvquantError(f"could not load model from '{name}': {_first_line(e)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    if src["kind"] == "builtin":
+        model.config.name_or_path = "smollm2-135m"
+    return model, tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

