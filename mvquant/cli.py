@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != module_name:  # a real import error inside an existing verb
+            if not module_name.startswith(e.name or "?"):  # a real import error inside an existing verb
                 raise
             continue
         p = sub.add_parser(verb, help=module.HELP, description=module.HELP)

@@ -82,3 +82,34 @@ class ToyTokenizer:
 @pytest.fixture
 def toy_tokenizer():
     return ToyTokenizer()
+
+
+def make_tiny_tokenizer():
+    """A real (savable) character-level fast tokenizer: 98 ids, fits every tiny config's vocab of 128."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1}
+    for i in range(32, 127):
+        vocab[chr(i)] = len(vocab)
+    vocab["<unk>"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_tiny_model(arch: str, path, seed: int = 0):
+    """Write a tiny random model + tokenizer as a transformers directory (for CLI / loading tests)."""
+    model = make_tiny_model(arch, seed=seed)
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """Factory: tiny_model_dir('llama') -> path of a saved tiny model directory."""
+    def make(arch: str = "llama", seed: int = 0):
+        return save_tiny_model(arch, tmp_path / f"tiny-{arch}", seed=seed)
+    return make

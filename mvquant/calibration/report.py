@@ -89,7 +89,7 @@ class CalibrationReport:
 
     def check_matches(self, layout) -> None:
         """Refuse a report from another model: layers, heads and head_dim must agree."""
-        want = {"num_layers": layout.num_layers, "num_heads": layout.num_heads,
+        want = {"model_type": layout.model_type, "num_layers": layout.num_layers, "num_heads": layout.num_heads,
                 "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim}
         got = {k: self.meta.get(k) for k in want}
         if got != want:

@@ -1,0 +1,70 @@
+"""`mvquant calibrate`: find the massive Q/K dims of a model and write the report."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import MvquantError
+from ..io import atomic_write_bytes, check_output_path
+from .data import DEFAULT_SOURCE
+from .report import stats_path_for
+
+HELP = "find the massive Q/K dimensions of a RoPE model and write a JSON report (+ stats, + plot)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="HF id, local dir, .gguf file, or the built-in 'smollm2-135m' (default)")
+    p.add_argument("--output", "-o", required=True, help="report JSON path (raw stats go beside it as .stats.safetensors)")
+    p.add_argument("--data", default=DEFAULT_SOURCE,
+                   help=f"calibration text: '{DEFAULT_SOURCE}' (offline, default), a .txt/.jsonl file, or a datasets name NAME[:CONFIG]")
+    p.add_argument("--samples", type=int, default=32, help="number of calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lambda", dest="lam", type=float, default=5.0, help="massive when M > lambda x head mean (default 5)")
+    p.add_argument("--top-k", type=int, default=None, help="select the top-k dims per head instead of lambda")
+    p.add_argument("--no-pack", action="store_true", help="one (padded) sequence per text instead of packed windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="write a head x dim heatmap PNG (Q/K/V, chosen layers)")
+    p.add_argument("--plot-layers", default=None, help="comma-separated layers for --plot (default: first, second, middle, last)")
+    p.add_argument("--dtype", default="float32", help="float32 (default on CPU), bfloat16, float16, auto")
+    p.add_argument("--device-map", default=None, help="e.g. 'auto' to spread/offload a large model with accelerate")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _parse_layers(text: str | None, num_layers: int) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MvquantError(f"--plot-layers '{text}' is not a comma-separated list of integers, e.g. 0,15,29") from None
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad or not layers:
+        raise MvquantError(f"--plot-layers {text}: layers must be in 0..{num_layers - 1}")
+    return layers
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from .calibrate import calibrate
+    from .plot import plot_report
+    from .summary import format_summary
+
+    # Validate every output path before the (long) pass, so it cannot fail at the end.
+    check_output_path(args.output, force=args.force)
+    check_output_path(stats_path_for(args.output), force=args.force)
+    if args.plot:
+        check_output_path(args.plot, force=args.force)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    report = calibrate(model, tokenizer, data=args.data, samples=args.samples, seq_len=args.seq_len,
+                       batch_size=args.batch_size, lam=args.lam, top_k=args.top_k, seed=args.seed,
+                       pack=not args.no_pack, progress=not args.quiet, model_name=str(args.model))
+    plot_png = plot_report(report, _parse_layers(args.plot_layers, report.meta["num_layers"])) if args.plot else None
+    report.save(args.output)
+    if plot_png is not None:
+        atomic_write_bytes(args.plot, plot_png)
+    if not args.quiet:
+        print(format_summary(report))
+        print(f"\nwrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
