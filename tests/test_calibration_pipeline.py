@@ -74,6 +74,21 @@ def test_report_round_trip_and_model_check(tmp_path):
         again.check_matches(get_layout(make_tiny_model("llama")))
 
 
+def test_offloaded_model_gives_the_same_statistics(tiny_model_dir, tmp_path):
+    """A model larger than memory runs layer by layer with accelerate offload; the hooks still see q/k/v."""
+    from transformers import AutoModelForCausalLM
+    from mvquant.models import load_model
+    d = tiny_model_dir("qwen2")
+    plain, tok = load_model(d)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(d, device_map=device_map, offload_folder=str(tmp_path / "off"))
+    assert offloaded.hf_device_map["model.layers.1"] == "disk"
+    a = calibrate(plain, tok, texts=TEXTS, samples=2, seq_len=32, progress=False)
+    b = calibrate(offloaded, tok, texts=TEXTS, samples=2, seq_len=32, progress=False)
+    assert all(torch.allclose(a.norms[k], b.norms[k], atol=1e-6) for k in a.norms)
+
+
 def test_non_rope_model_calibrates_and_says_so():
     report = calibrate(make_tiny_model("gpt2"), make_tiny_tokenizer(), texts=TEXTS, samples=2, seq_len=32, progress=False)
     assert report.rope is None

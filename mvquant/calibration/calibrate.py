@@ -33,7 +33,9 @@ def qkv_hooks(model, layout, fn):
 
 
 def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    # With accelerate offload the embedding may live on 'meta'; its hook moves inputs where they run.
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def accumulate_norms(model, layout, seqs: list[list[int]], *, batch_size: int, pad_id: int,
