@@ -69,3 +69,25 @@ def test_concentration():
     m = torch.tensor([[1.0, 1.0, 1.0, 5.0], [2.0, 2.0, 2.0, 2.0]])
     torch.testing.assert_close(S.concentration(m), torch.tensor([5.0 / 2.0, 1.0]))
     assert math.isfinite(float(S.concentration(torch.zeros(1, 4))[0]))
+
+
+def test_atomic_outputs_keep_usual_permissions_and_refuse_overwrite(tmp_path):
+    import os
+    from mvquant import MvquantError
+    from mvquant.io import atomic_directory, atomic_write_text, check_output_path
+
+    f = tmp_path / "a.txt"
+    atomic_write_text(f, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert f.stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(MvquantError, match="--force"):
+        check_output_path(f)
+    with atomic_directory(tmp_path / "d") as d:
+        (d / "inner").write_text("y")
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
+    with pytest.raises(RuntimeError):                 # a failure leaves no directory behind
+        with atomic_directory(tmp_path / "e"):
+            raise RuntimeError("boom")
+    assert not (tmp_path / "e").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
