@@ -1,0 +1,61 @@
+"""`mvquant eval MODEL --tasks contextual,parametric [--disrupt massive] --output r.json`"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..io import atomic_write_json, check_output_path
+
+HELP = "Evaluate a model (alias, directory, GGUF, hub id, or mvquant checkpoint) on contextual vs parametric tasks"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="model to evaluate (default: the built-in smollm2-135m)")
+    p.add_argument("--tasks", default="contextual,parametric",
+                   help="comma-separated: bundled tasks, the groups contextual / parametric, or any lm-eval task "
+                        "(default: contextual,parametric)")
+    p.add_argument("--output", "-o", help="write the result JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output")
+    p.add_argument("--limit", help="evaluate only the first N items of each task (or a fraction < 1)")
+    p.add_argument("--disrupt", choices=["massive", "non-massive"],
+                   help="replace the selected Q/K dims by their prompt mean at prefill (paper, Table 1)")
+    p.add_argument("--top-k", type=int, help="disrupt the top-k dims per head (default 1 when --lambda is not given)")
+    p.add_argument("--lambda", dest="lam", type=float, help="disrupt dims with M > lambda x head mean instead of top-k")
+    p.add_argument("--layers", help="disrupt only these layers, e.g. 0-9 or 0,5,7 (default: all)")
+    p.add_argument("--pairs", action="store_true", help="also disrupt each selected dim's RoPE partner")
+    p.add_argument("--calibration", metavar="REPORT.json",
+                   help="pick disrupted dims from this calibration report (default: a quick calibration)")
+    p.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="padded prompt tokens per forward (default 2048)")
+    p.add_argument("--include-path", help="extra folder of lm-eval task YAMLs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from ..errors import MvquantError
+    from .runner import check_limit, evaluate, to_markdown
+
+    if args.output:
+        check_output_path(args.output, force=args.force)
+    limit = check_limit(args.limit)
+    disrupt_opts = (args.top_k, args.lam, args.layers, args.calibration)
+    if args.disrupt is None and any(o is not None for o in disrupt_opts) or (args.disrupt is None and args.pairs):
+        raise MvquantError("--top-k/--lambda/--layers/--pairs/--calibration select what to disrupt: add "
+                           "--disrupt massive or --disrupt non-massive")
+    if args.max_tokens <= 0:
+        raise MvquantError("--max-tokens must be positive")
+    result = evaluate(args.model, args.tasks, limit=limit, disrupt=args.disrupt, top_k=args.top_k, lam=args.lam,
+                      layers=args.layers, pairs=args.pairs, report=args.calibration, dtype=args.dtype,
+                      max_tokens=args.max_tokens, include_path=args.include_path, progress=not args.no_progress)
+    result["command"] = "mvquant eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
+    print(to_markdown(result))
+    if result["disruption"]:
+        d = result["disruption"]
+        print(f"\ndisruption: {d['mode']}, {d['selection']}, layers {len(d['layers'])}, "
+              f"{d['dims_q']} Q + {d['dims_k']} K dims, from {d['source']}")
+    print(f"\n{len(result['tasks'])} tasks in {result['seconds']:.0f} s")
+    if args.output:
+        atomic_write_json(args.output, result)
+        print(f"wrote {args.output}")
+    return 0

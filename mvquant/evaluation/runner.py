@@ -1,0 +1,147 @@
+"""`evaluate()`: run bundled and lm-eval tasks through lm-eval's Python API, one task at a time
+(so each gets its wall time), and summarise accuracy with uncertainty per task and per group."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+from tqdm.auto import tqdm
+
+from ..errors import MvquantError
+from . import stats as S
+from . import tasks as T
+
+FORMAT = "mvquant.eval/1"
+
+
+def check_limit(limit):
+    if limit is None:
+        return None
+    try:
+        value = float(limit)
+    except (TypeError, ValueError):
+        raise MvquantError(f"--limit must be a positive number of items, got '{limit}'") from None
+    if value <= 0 or math.isnan(value):
+        raise MvquantError(f"--limit must be positive, got {limit}: leave it out to run every item")
+    if value >= 1 and value != int(value):
+        raise MvquantError(f"--limit {limit}: give a whole number of items (or a fraction below 1)")
+    return int(value) if value >= 1 else value
+
+
+def _quiet_lm_eval():
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _task_result(name: str, out: dict, info: dict | None) -> dict:
+    samples = out.get("samples", {}).get(name, [])
+    metrics = out["results"].get(name, {})
+    if info is not None or "acc,none" in metrics:
+        correct = [float(s["acc"]) for s in samples if "acc" in s]
+        if not correct:
+            raise MvquantError(f"task '{name}' produced no scored items")
+        acc, se = S.mean_stderr(correct)
+        lo, hi = S.wilson_interval(sum(correct), len(correct))
+        res = {"acc": acc, "stderr": se, "ci95": [lo, hi], "n": len(correct),
+               "chance": None if info is None else info["chance"],
+               "group": None if info is None else info["group"], "correct": [int(c) for c in correct]}
+    else:  # an lm-eval task with other metrics: keep them as lm-eval reports them
+        res = {"metrics": {k: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))},
+               "n": len(samples), "chance": None, "group": None}
+        main = next((k for k in res["metrics"] if not k.split(",")[0].endswith("_stderr")), None)
+        if main is not None:
+            res["acc"] = res["metrics"][main]
+            se = res["metrics"].get(main.replace(",", "_stderr,", 1))
+            res["stderr"] = se if isinstance(se, (int, float)) else None
+            res["metric"] = main
+    return res
+
+
+def summarise_groups(task_results: dict[str, dict]) -> dict[str, dict]:
+    groups = {}
+    for group in T.GROUPS:
+        members = [(n, r) for n, r in task_results.items() if r.get("group") == group]
+        if members:
+            acc, se = S.macro_average([r["acc"] for _, r in members], [r["stderr"] for _, r in members])
+            chance = sum(r["chance"] for _, r in members) / len(members)
+            groups[group] = {"acc": acc, "stderr": se, "chance": chance, "tasks": [n for n, _ in members],
+                             "n": sum(r["n"] for _, r in members)}
+    return groups
+
+
+def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, disrupt=None, top_k=None,
+             lam=None, layers=None, pairs: bool = False, report=None, max_tokens: int = 2048,
+             progress: bool = True, model=None, tokenizer=None, dtype: str = "float32",
+             include_path=None) -> dict:
+    """Evaluate a model on bundled tasks (names, or the groups 'contextual' / 'parametric') and any
+    lm-eval task. Returns {'tasks': {name: {acc, stderr, ci95, n, chance, seconds, ...}},
+    'groups': {contextual: {acc, stderr}, parametric: {...}}, 'model', 'disruption', 'limit', ...}.
+
+    `model`/`tokenizer`: an already-loaded model (then `model_or_path` only names it).
+    `disrupt`: 'massive' | 'non-massive' | None, with `top_k` or `lam`, `layers`, `pairs`, and
+    `report` (CalibrationReport or path; without one a quick calibration picks the dims).
+    """
+    limit = check_limit(limit)
+    ours, other = T.resolve_tasks(tasks)
+    _quiet_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from .lm import MvquantLM
+
+    paths = [str(T.tasks_dir())] + ([str(include_path)] if include_path else [])
+    manager = TaskManager(include_path=paths, include_defaults=bool(other or include_path))
+    if other:
+        T.check_external_tasks(other, manager)
+    if model is None:
+        from ..models import load_model
+        model, tokenizer = load_model(model_or_path, dtype=dtype)
+    name = str(model_or_path or getattr(model.config, "name_or_path", None) or "model")
+    lm = MvquantLM(name, model=model, tokenizer=tokenizer, disrupt=disrupt, top_k=top_k, lam=lam, layers=layers,
+                   report=report, pairs=pairs, max_tokens=max_tokens, progress=progress)
+    suite = T.suite()
+    results, t_start = {}, time.perf_counter()
+    import lm_eval.evaluator as lm_evaluator
+    add_env_info = lm_evaluator.add_env_info
+    lm_evaluator.add_env_info = lambda _results: None   # it runs `pip`/`nvidia-smi` probes: ~1.3 s per task
+    try:
+        bar = tqdm(ours + other, desc="eval", unit="task", disable=not progress)
+        for task in bar:
+            bar.set_postfix_str(task)
+            t0 = time.perf_counter()
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
+                                  bootstrap_iters=0, verbosity="ERROR")
+            if out is None or task not in out.get("results", {}):
+                raise MvquantError(f"lm-eval returned no result for '{task}'")
+            res = _task_result(task, out, suite.get(task))
+            res["seconds"] = round(time.perf_counter() - t0, 2)
+            results[task] = res
+    finally:
+        lm_evaluator.add_env_info = add_env_info
+        lm.close()
+    import lm_eval
+    return {
+        "format": FORMAT, "model": name, "tasks": results, "groups": summarise_groups(results),
+        "disruption": None if lm.disruption is None else lm.disruption.summary(),
+        "limit": limit, "seconds": round(time.perf_counter() - t_start, 2), "lm_eval_version": lm_eval.__version__,
+    }
+
+
+def to_markdown(result: dict) -> str:
+    """A Markdown table: one row per task, then one per group."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = ["| task | group | acc (%) | ± se | 95% CI | chance | n | s |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    for name, r in result["tasks"].items():
+        ci = r.get("ci95")
+        lines.append(f"| {name} | {r.get('group') or '-'} | {pct(r.get('acc'))} | {pct(r.get('stderr'))} | "
+                     f"{'-' if not ci else f'{pct(ci[0])}–{pct(ci[1])}'} | {pct(r.get('chance'))} | {r['n']} | "
+                     f"{r.get('seconds', '-')} |")
+    for group, g in result["groups"].items():
+        lines.append(f"| **{group}** (mean of {len(g['tasks'])}) | | **{pct(g['acc'])}** | {pct(g['stderr'])} | | "
+                     f"{pct(g['chance'])} | {g['n']} | |")
+    return "\n".join(lines)
