@@ -1,0 +1,189 @@
+"""`quantize(model, config, report=...)`: swap the target linears for QuantLinear, in place."""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import MvquantError
+from ..models.adapters import get_layout
+from . import activations as A
+from .awq import awq_search
+from .config import QuantConfig
+from .gptq import gptq_quantize
+from .linear import QuantLinear
+from .protect import protected_rows
+from .smoothquant import smooth_scales
+
+
+def _is_linear(module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # GPT-2: weight stored [in, out]
+
+
+def linear_weight(module) -> torch.Tensor:
+    """Weight as [out, in] for nn.Linear and GPT-2 Conv1D alike."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+
+
+def target_linears(model, config: QuantConfig) -> dict[str, torch.nn.Module]:
+    found = {name: m for name, m in model.named_modules() if _is_linear(m) and config.is_target(name)}
+    if not found:
+        raise MvquantError("no linear layer matches the target patterns: check --targets / --ignore "
+                           f"(targets {config.targets}, ignore {config.ignore})")
+    return found
+
+
+def set_module(model, name: str, module: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def quantize(model, config: QuantConfig | dict | None = None, report=None, calibration=None, tokenizer=None,
+             progress: bool = True, **overrides):
+    """Quantize `model` in place and return it.
+
+    config: QuantConfig (or its dict); keyword overrides such as bits=4 are applied on top.
+    report: CalibrationReport (or a path), needed by --protect massive/random/topk.
+    calibration: None (the default text source), a source name / file, or token id lists; used by
+        awq / smoothquant / gptq. `tokenizer` turns text into tokens.
+    The summary (bits per parameter, protected rows, bytes) is `model.mvquant_summary`.
+    """
+    if config is None:
+        config = QuantConfig(**overrides)
+    elif isinstance(config, dict):
+        config = QuantConfig.from_dict({**config, **overrides})
+    elif overrides:
+        config = QuantConfig.from_dict({**config.to_dict(), **overrides})
+    config.validate()
+    if getattr(model, "mvquant_summary", None) is not None:
+        raise MvquantError("this model is already quantized by mvquant: load the original model again")
+    if isinstance(report, (str, bytes)) or hasattr(report, "__fspath__"):
+        from ..calibration import load_report
+        report = load_report(report)
+    layout = get_layout(model)
+    if report is not None:
+        report.check_matches(layout)
+    if config.needs_report and report is None:
+        raise MvquantError(f"--protect {config.protect} needs a calibration report: pass --calibration REPORT.json "
+                           "(made by mvquant calibrate) or use --protect none")
+    t0 = time.perf_counter()
+    targets = target_linears(model, config)
+    rows = protected_rows(model, layout, config, report)
+    if config.is_bnb:
+        from .bnb import quantize_bnb
+        quantize_bnb(model, targets, config, rows)
+    else:
+        _quantize_integer(model, targets, rows, config, calibration, tokenizer, progress)
+    modules = {name: int(rows[name].numel()) if name in rows else 0 for name in targets}
+    qc = config.to_dict()
+    qc["modules"] = modules
+    qc["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    qc["report_model"] = report.model if report is not None else None
+    model.config.quantization_config = qc
+    model.mvquant_summary = summarize(model, config, seconds=time.perf_counter() - t0)
+    return model
+
+
+def _quantize_integer(model, targets, rows, config: QuantConfig, calibration, tokenizer, progress):
+    method = config.method
+    needs = {"awq": {"absmean", "samples"}, "smoothquant": {"absmax"}, "gptq": {"hessian"}}.get(method)
+    stats = None
+    if needs:
+        seqs = A.calibration_sequences(model, tokenizer, calibration, samples=config.calib_samples,
+                                       seq_len=config.calib_seq_len, seed=config.seed, source=config.calib_data)
+        stats = A.collect_input_stats(model, targets, seqs, needs, seed=config.seed, progress=progress)
+    for name, module in tqdm(list(targets.items()), desc=f"quantize {method}", unit="linear", disable=not progress):
+        w = linear_weight(module).detach().float()
+        prot = rows.get(name)
+        keep = torch.ones(w.shape[0], dtype=torch.bool)
+        if prot is not None:
+            keep[prot] = False
+        wk = w[keep]
+        input_scale = quantized = None
+        if method == "awq":
+            st = stats[name]
+            input_scale, quantized = awq_search(wk, st.sample(), st.abs_mean, bits=config.bits,
+                                                group_size=config.group_size, symmetric=config.symmetric,
+                                                grid=config.awq_grid, clip_grid=config.awq_clip_grid)
+        elif method == "smoothquant":
+            input_scale = smooth_scales(stats[name].abs_max, wk, config.alpha)
+        elif method == "gptq":
+            quantized = gptq_quantize(wk, stats[name].hessian, bits=config.bits, group_size=config.group_size,
+                                      symmetric=config.symmetric, damp=config.gptq_damp, block=config.gptq_block,
+                                      act_order=config.gptq_act_order)
+        bias = getattr(module, "bias", None)
+        q = QuantLinear.from_weight(w.to(module.weight.dtype), bias, bits=config.bits, group_size=config.group_size,
+                                    symmetric=config.symmetric, protected_rows=prot, input_scale=input_scale,
+                                    quantized=quantized, act_bits=config.act_bits, compute=config.compute)
+        set_module(model, name, q.to(module.weight.device))
+        if stats is not None:
+            del stats[name]  # free the Hessian / samples as we go
+
+
+def quantized_modules(model) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def summarize(model, config: QuantConfig, seconds: float | None = None) -> dict:
+    """Effective bits per weight of the quantized linears (packed codes + scales + zeros + protected
+    fp16 rows and their indices + input scales), protected row counts, and bytes vs fp16."""
+    if config.is_bnb:
+        from .bnb import summarize_bnb
+        return summarize_bnb(model, config, seconds)
+    mods = quantized_modules(model)
+    n_weights = sum(m.in_features * m.out_features for m in mods.values())
+    parts: dict[str, int] = {}
+    for m in mods.values():
+        for k, v in m.storage_bytes().items():
+            parts[k] = parts.get(k, 0) + v
+    linear_bytes = sum(parts.values())
+    prot = {"q": 0, "k": 0, "other": 0}
+    for name, m in mods.items():
+        key = "q" if "q_proj" in name else "k" if "k_proj" in name else "other"
+        prot[key] += m.n_protected
+    other = [p for n, p in model.named_parameters() if not any(n.startswith(q + ".") for q in mods)]
+    seen, other_bytes = set(), 0
+    for p in other:
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            other_bytes += p.numel() * p.element_size()
+    other_fp16 = other_bytes // max(1, next(iter(other)).element_size()) * 2 if other else 0
+    kernels: dict[str, int] = {}
+    for m in mods.values():
+        kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
+    return {
+        "method": config.method, "bits": config.bits, "group_size": config.group_size,
+        "symmetric": config.symmetric, "protect": config.protect,
+        "quantized_linears": len(mods), "quantized_weights": n_weights,
+        "bits_per_weight": 8 * linear_bytes / max(1, n_weights),
+        "bytes_by_part": parts, "linear_bytes": linear_bytes, "linear_bytes_fp16": 2 * n_weights,
+        "protected_rows": sum(m.n_protected for m in mods.values()), "protected_rows_by_kind": prot,
+        "protected_weight_share": sum(m.n_protected * m.in_features for m in mods.values()) / max(1, n_weights),
+        "other_bytes": other_bytes, "other_bytes_fp16": other_fp16,
+        "model_bytes": linear_bytes + other_bytes, "model_bytes_fp16": 2 * n_weights + other_fp16,
+        "kernels": kernels, "seconds": None if seconds is None else round(seconds, 2),
+    }
+
+
+def format_summary(s: dict) -> str:
+    mb = 1 / 2**20
+    lines = [
+        f"method {s['method']}  bits {s['bits']}  group {s['group_size'] or 'row'}  "
+        f"{'symmetric' if s['symmetric'] else 'asymmetric'}  protect {s['protect']}",
+        f"quantized linears: {s['quantized_linears']} ({s['quantized_weights']:,} weights)",
+        f"effective bits/weight: {s['bits_per_weight']:.3f} (incl. scales, zeros, protected rows)",
+        f"protected rows: {s['protected_rows']} (q {s['protected_rows_by_kind']['q']}, k {s['protected_rows_by_kind']['k']}), "
+        f"{100 * s['protected_weight_share']:.2f}% of quantized weights",
+        f"linear bytes: {s['linear_bytes'] * mb:.1f} MiB vs fp16 {s['linear_bytes_fp16'] * mb:.1f} MiB "
+        f"({s['linear_bytes'] / max(1, s['linear_bytes_fp16']):.3f}x)",
+        f"model bytes: {s['model_bytes'] * mb:.1f} MiB vs fp16 {s['model_bytes_fp16'] * mb:.1f} MiB "
+        f"(other tensors kept in the model dtype: {s['other_bytes'] * mb:.1f} MiB)",
+    ]
+    if s.get("kernels"):
+        lines.append("kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["kernels"].items())))
+    if s.get("seconds") is not None:
+        lines.append(f"time: {s['seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Group-wise integer quantization of a weight matrix: the pure math every method shares.
+
+Asymmetric: w ~ (q - z) * s with q, z in [0, 2^b - 1]. Symmetric: z = 2^(b-1) fixed and
+q in [1, 2^b - 1], so the grid is -(2^(b-1) - 1) .. 2^(b-1) - 1 times s. Scales are kept in fp16
+(what the checkpoint stores), and codes are computed against the fp16 scale, so the stored
+(codes, scales, zeros) reproduce exactly the weights the error bounds are about.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if not group_size else -(-in_features // group_size)
+
+
+def group_index(in_features: int, group_size: int | None, device=None) -> torch.Tensor:
+    """Column -> group id (the last group may be shorter)."""
+    cols = torch.arange(in_features, device=device)
+    return torch.zeros_like(cols) if not group_size else cols // group_size
+
+
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
+    """[rows, groups] -> [rows, in_features] (each group's value over its columns)."""
+    if not group_size or t.shape[-1] == 1:
+        return t[..., :1].expand(*t.shape[:-1], in_features)
+    return t.repeat_interleave(group_size, dim=-1)[..., :in_features]
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
+    """[rows, in] -> [rows, groups, g] padded with NaN in the last group (ignored by nan-aware reductions)."""
+    rows, n = w.shape
+    g = group_size or n
+    pad = (-n) % g
+    wp = torch.nn.functional.pad(w, (0, pad), value=float("nan")) if pad else w
+    return wp.view(rows, (n + pad) // g, g), pad
+
+
+def compute_params(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                   clip: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-(row, group) fp16 scale and integer zero point (None when symmetric).
+
+    `clip` (scalar or [rows, groups]) shrinks the range, as AWQ's clipping search does."""
+    w = w.float()
+    wg, _ = _grouped(w, group_size)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        amax = torch.nan_to_num(wg.abs(), nan=0.0).amax(-1)
+        if clip is not None:
+            amax = amax * clip
+        scale = (amax / ((1 << (bits - 1)) - 1)).clamp(min=1e-8).half().clamp(min=torch.finfo(torch.float16).tiny)
+        return scale, None
+    wmax = torch.nan_to_num(wg, nan=-float("inf")).amax(-1).clamp(min=0)
+    wmin = torch.nan_to_num(wg, nan=float("inf")).amin(-1).clamp(max=0)
+    if clip is not None:
+        wmax, wmin = wmax * clip, wmin * clip
+    scale = ((wmax - wmin) / qmax).clamp(min=1e-8).half().clamp(min=torch.finfo(torch.float16).tiny)
+    zero = torch.round(-wmin / scale.float()).clamp(0, qmax).to(torch.uint8)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                   group_size: int | None) -> torch.Tensor:
+    """Round w to codes in [0, 2^b) given (scale, zero) per group. Returns uint8 [rows, in]."""
+    n = w.shape[1]
+    s = expand_groups(scale.float(), n, group_size)
+    qmax = (1 << bits) - 1
+    if zero is None:
+        z = 1 << (bits - 1)
+        return (torch.round(w.float() / s) + z).clamp(1, qmax).to(torch.uint8)
+    z = expand_groups(zero.float(), n, group_size)
+    return (torch.round(w.float() / s) + z).clamp(0, qmax).to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                     group_size: int | None, dtype=torch.float32) -> torch.Tensor:
+    n = codes.shape[-1]
+    s = expand_groups(scale.to(dtype), n, group_size)
+    z = float(1 << (bits - 1)) if zero is None else expand_groups(zero.to(dtype), n, group_size)
+    return (codes.to(dtype) - z) * s
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip=None):
+    """RTN: (codes uint8 [rows, in], scale fp16 [rows, groups], zero uint8 [rows, groups] | None)."""
+    scale, zero = compute_params(w, bits, group_size, symmetric, clip)
+    return quantize_codes(w, scale, zero, bits, group_size), scale, zero
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip=None) -> torch.Tensor:
+    codes, scale, zero = quantize_weight(w, bits, group_size, symmetric, clip)
+    return dequantize_codes(codes, scale, zero, bits, group_size, dtype=torch.float32)
+
+
+def quantize_activations_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization: (int8 codes, fp32 scale [..., 1])."""
+    qmax = (1 << (bits - 1)) - 1
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax
+    q = torch.round(x.float() / scale).clamp(-qmax, qmax).to(torch.int8)
+    return q, scale

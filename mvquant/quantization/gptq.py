@@ -1,0 +1,69 @@
+"""GPTQ (Frantar et al. 2022): quantize columns one at a time and push each column's rounding
+error onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
+
+Our own implementation (optimum's GPTQ needs the gptqmodel / auto-gptq kernels, which are not
+installed here and do not target this CPU). H = sum x x^T over calibration tokens of the linear's
+input. Group parameters are taken when the sweep reaches a group (dynamic), or up front from the
+unmodified weights with act-order (static groups), so every column has one (scale, zero).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import core
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None,
+                  symmetric: bool, damp: float = 0.01, block: int = 128, act_order: bool = False):
+    """w [rows, cols], hessian [cols, cols] -> (codes uint8 [rows, cols], scale fp16 [rows, G], zero | None)."""
+    w = w.detach().float().clone()
+    rows, cols = w.shape
+    h = hessian.detach().double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    g = group_size or cols
+    groups = core.num_groups(cols, group_size)
+    qmax = (1 << bits) - 1
+    scale = torch.empty(rows, groups, dtype=torch.float16)
+    zero = None if symmetric else torch.empty(rows, groups, dtype=torch.uint8)
+    if act_order:  # static groups: parameters from the unmodified weights
+        s_all, z_all = core.compute_params(w, bits, group_size, symmetric)
+        scale.copy_(s_all)
+        if zero is not None:
+            zero.copy_(z_all)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])              # original column index
+            grp = col // g
+            if not act_order and col % g == 0:   # dynamic groups: params from the updated weights
+                end = min(col + g, cols)
+                # columns col..end are, without act-order, w1[:, i:] then w[:, i2:]
+                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :end - col]
+                s, z = core.compute_params(cur, bits, None, symmetric)
+                scale[:, grp] = s[:, 0]
+                if zero is not None:
+                    zero[:, grp] = z[:, 0]
+            s = scale[:, grp].float()
+            if zero is None:
+                q = (torch.round(w1[:, i] / s) + (1 << (bits - 1))).clamp(1, qmax)
+                deq = (q - (1 << (bits - 1))) * s
+            else:
+                z = zero[:, grp].float()
+                q = (torch.round(w1[:, i] / s) + z).clamp(0, qmax)
+                deq = (q - z) * s
+            codes[:, col] = q.to(torch.uint8)
+            e = (w1[:, i] - deq) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, scale, zero
