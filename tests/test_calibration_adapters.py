@@ -35,7 +35,8 @@ def _model(arch):
 def _record_attention_inputs(model, arch, ids, mask):
     """Run the model; return per layer the (q, k, v) its attention received, as [b, s, h, d]."""
     records = []
-    if arch == "gptj":
+    module = importlib.import_module(type(model).__module__)
+    if not hasattr(module, "eager_attention_forward"):  # transformers < 5.2x: GPT-J's own _attn
         layout = get_layout(model)
         for i in range(layout.num_layers):
             attn = layout.attention(model, i)
@@ -48,7 +49,6 @@ def _record_attention_inputs(model, arch, ids, mask):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
     else:
-        module = importlib.import_module(type(model).__module__)
         orig = module.eager_attention_forward
 
         def wrapped(mod, query, key, value, *a, **kw):

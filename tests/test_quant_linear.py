@@ -46,7 +46,7 @@ def test_kernel_choice():
     assert QuantLinear.from_weight(w, b, bits=8, group_size=None, symmetric=True, act_bits=8).kernel == "int_mm"
 
 
-@pytest.mark.parametrize("in_f", [60, 100, 576])
+@pytest.mark.parametrize("in_f", [60, 100, 104, 120, 576])
 def test_int_kernels_pad_awkward_shapes(in_f):
     """in_features not a multiple of 8 / of the group, rows not a multiple of 16 (the kernels' limits)."""
     w, b = _layer(out_f=37, in_f=in_f, bias=False)

@@ -155,7 +155,9 @@ class QuantLinear(torch.nn.Module):
                            "sz": sz.to(torch.bfloat16).contiguous()}
             self._kg, self._k_pad = kg, k_pad
         elif self.kernel in ("int8pack", "int_mm"):
-            k_pad = _round_up(K, 8)  # _weight_int8pack_mm crashes when K % 8 != 0
+            # _weight_int8pack_mm returns garbage or segfaults unless K % 16 == 0 (seen on AVX2
+            # Xeons with torch 2.13); 32 leaves margin for wider vector paths. _int_mm needs K % 8.
+            k_pad = _round_up(K, 32)
             q = self.codes().to(torch.int16) - 128
             w8 = torch.zeros(n_q, k_pad, dtype=torch.int8, device=device)
             w8[:, :K] = q.to(torch.int8)
