@@ -6,6 +6,7 @@ import io
 import math
 from pathlib import Path
 
+from ..evaluation.stats import macro_average, paired_difference
 from ..io import atomic_write_bytes
 
 RESULT_COLUMNS = ["method", "task", "group", "acc", "stderr", "n", "ci95_lo", "ci95_hi", "chance", "quant_method", "bits", "group_size", "protect",
@@ -18,13 +19,9 @@ Z95 = 1.959964
 def group_mean(accs: list[float], stderrs: list[float | None]) -> tuple[float, float | None]:
     """Unweighted mean of task accuracies and its standard error, tasks taken as independent:
     se = sqrt(sum se_i^2) / k. None when any task has no standard error."""
-    k = len(accs)
-    if k == 0:
-        raise ValueError("no tasks to average")
-    mean = sum(accs) / k
     if any(s is None for s in stderrs):
-        return mean, None
-    return mean, math.sqrt(sum(s * s for s in stderrs)) / k
+        return sum(accs) / len(accs), None
+    return macro_average(accs, stderrs)
 
 
 def group_rows(rows: list[dict]) -> list[dict]:
@@ -38,12 +35,6 @@ def group_rows(rows: list[dict]) -> list[dict]:
         out.append({"method": method, "group": group, "acc": acc, "stderr": se, "tasks": len(rs),
                     "n": sum(r["n"] for r in rs)})
     return out
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over the same items and its standard error (item difficulty cancels)."""
-    from ..evaluation.stats import paired_difference as paired
-    return paired(a, b)
 
 
 def contrast_rows(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:

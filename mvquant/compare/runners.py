@@ -25,14 +25,10 @@ def _is_quantized_linear(module) -> bool:
 
 def unquantized_bytes(model) -> int:
     """Bytes of the parameters and buffers outside quantized linears (tied tensors counted once)."""
+    from ..quantization.api import unique_bytes
     skip = {n for n, m in model.named_modules() if _is_quantized_linear(m)}
-    seen, total = set(), 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if any(name.startswith(q + ".") for q in skip) or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+    return unique_bytes(t for name, t in [*model.named_parameters(), *model.named_buffers()]
+                        if not any(name.startswith(q + ".") for q in skip))
 
 
 def size_info(model, summary: dict | None) -> dict:

@@ -127,6 +127,16 @@ def quantized_modules(model) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def unique_bytes(tensors) -> int:
+    """Bytes of the tensors, each storage counted once (tied embeddings share one)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def summarize(model, config: QuantConfig, seconds: float | None = None) -> dict:
     """Effective bits per weight of the quantized linears (packed codes + scales + zeros + protected
     fp16 rows and their indices + input scales), protected row counts, and bytes vs fp16."""
@@ -145,11 +155,7 @@ def summarize(model, config: QuantConfig, seconds: float | None = None) -> dict:
         key = "q" if "q_proj" in name else "k" if "k_proj" in name else "other"
         prot[key] += m.n_protected
     other = [p for n, p in model.named_parameters() if not any(n.startswith(q + ".") for q in mods)]
-    seen, other_bytes = set(), 0
-    for p in other:
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            other_bytes += p.numel() * p.element_size()
+    other_bytes = unique_bytes(other)
     other_fp16 = other_bytes // max(1, next(iter(other)).element_size()) * 2 if other else 0
     kernels: dict[str, int] = {}
     for m in mods.values():
