@@ -12,17 +12,104 @@ from typing import Iterator
 from .errors import MvquantError
 
 
-def check_output_path(path: str | os.PathLike, *, force: bool = False, kind: str = "file") -> Path:
-    """Validate an output path before any work is done, so a long run cannot fail at the end."""
+def check_output_path(path: str | os.PathLike, *, force: bool = False, kind: str = "file",
+                      need_bytes: int = 0, make_parents: bool = False, reuse: bool = False) -> Path:
+    """Validate an output path before any work is done, so a long run cannot fail at the end.
+
+    kind: "file" or "dir". make_parents: missing parent directories will be created (only the
+    nearest existing one must be writable). reuse: an existing directory is written into (compare's
+    cache), not replaced. need_bytes: free space the output needs (e.g. a checkpoint's estimate).
+    """
     path = Path(path)
+    if path.name in ("", ".", "..") or _contains_cwd(path):
+        raise MvquantError(f"--output '{path}' is the current directory or one of its parents: name a new "
+                           f"{'directory' if kind == 'dir' else 'file'} instead, e.g. --output "
+                           f"{'checkpoints/my-model' if kind == 'dir' else 'out.json'}")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    if make_parents:
+        parent = _nearest_existing(parent)
+        if not parent.is_dir():
+            raise MvquantError(f"'{parent}' is a file, not a directory: choose another --output")
+    elif not parent.is_dir():
         raise MvquantError(f"output directory '{parent}' does not exist: create it first (mkdir -p {parent})")
-    if path.exists() and not force:
+    if path.exists() and not (force or (reuse and path.is_dir())):
         raise MvquantError(f"'{path}' already exists: choose another --output or pass --force to overwrite it")
     if path.exists() and kind == "file" and path.is_dir():
         raise MvquantError(f"'{path}' is a directory: --output needs a file path")
+    if path.exists() and kind == "dir" and not path.is_dir():
+        raise MvquantError(f"'{path}' is a file: --output needs a directory path")
+    for d in (parent, path) if path.is_dir() else (parent,):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise MvquantError(f"cannot write to '{d}' (read-only file system or no permission): choose another "
+                               "--output, or fix its permissions")
+    if need_bytes > 0:
+        free = shutil.disk_usage(parent).free
+        if free < need_bytes:
+            raise MvquantError(f"not enough free space for '{path}': it needs about {_mb(need_bytes)}, "
+                               f"'{parent}' has {_mb(free)} free: free some space or choose another --output")
     return path
+
+
+def _contains_cwd(path: Path) -> bool:
+    """True when `path` is the working directory or one of its ancestors (replacing it would remove it)."""
+    try:
+        here, target = Path.cwd().resolve(), path.resolve()
+    except OSError:
+        return False
+    return target == here or target in here.parents
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file written by another library (e.g. safetensors' save_file, which writes 0600 through
+    its own temporary file) the mode a plain open() would: 0666 minus the user's umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _sorted_header(header: bytes) -> bytes:
+    """The same safetensors header with its `__metadata__` keys sorted. safetensors keeps metadata in
+    a Rust HashMap, so the key order (and the file's hash) changes from run to run; the reordered
+    header has the same length, so tensor offsets are untouched."""
+    obj = json.loads(header)
+    if not isinstance(obj.get("__metadata__"), dict):
+        return header
+    obj["__metadata__"] = dict(sorted(obj["__metadata__"].items()))
+    new = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(new) > len(header) or len(new) != len(header.rstrip(b" ")):
+        return header  # not the compact form we expect: leave it alone rather than break the file
+    return new + b" " * (len(header) - len(new))
+
+
+def deterministic_safetensors(data: bytes) -> bytes:
+    """Serialized safetensors bytes with sorted metadata (identical inputs -> identical bytes)."""
+    n = int.from_bytes(data[:8], "little")
+    return data[:8] + _sorted_header(data[8:8 + n]) + data[8 + n:]
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, then sorted metadata (byte-identical files for identical tensors) and
+    the user's usual file mode (save_file writes 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        new = _sorted_header(header)
+        if new != header:
+            f.seek(8)
+            f.write(new)
+    apply_umask(path)
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MvquantError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, deterministic_safetensors
 from . import stats as S
 
 FORMAT = "mvquant.calibration/1"
@@ -125,7 +125,8 @@ class CalibrationReport:
         stats_file = stats_path_for(path)
         tensors = {f"layers.{i}.{kind}": t.float().contiguous() for (i, kind), t in sorted(self.norms.items())}
         if tensors:
-            atomic_write_bytes(stats_file, save(tensors, metadata={"format": FORMAT, "model": str(self.model)}))
+            atomic_write_bytes(stats_file, deterministic_safetensors(
+                save(tensors, metadata={"format": FORMAT, "model": str(self.model)})))
             self.meta["stats_file"] = stats_file.name
         atomic_write_json(path, self.to_json())
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MvquantError
-from ..io import atomic_directory, atomic_write_json
+from ..io import atomic_directory, atomic_write_json, save_safetensors
 
 MANIFEST = "mvquant_manifest.json"
 README = """# mvquant checkpoint ({method}, {bits}-bit, protect {protect})
@@ -62,8 +62,6 @@ def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
 
 def save_quantized(model, tokenizer, out_dir, report=None, force: bool = False) -> Path:
     """Write a quantized model to `out_dir` (refused if it exists, unless force). Returns the path."""
-    from safetensors.torch import save_file
-
     from ..quantization.api import quantized_modules
 
     qc = getattr(model.config, "quantization_config", None)
@@ -78,7 +76,8 @@ def save_quantized(model, tokenizer, out_dir, report=None, force: bool = False) 
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, force=force) as tmp:
         tensors = _state_dict_for_saving(model)
-        save_file(tensors, str(tmp / _weights_name()), metadata={"format": "mvquant", "mvquant_format": FORMAT})
+        # sorted metadata (byte-identical reruns) and the user's umask (save_file writes 0600)
+        save_safetensors(tensors, tmp / _weights_name(), metadata={"format": "mvquant", "mvquant_format": FORMAT})
         config = model.config
         saved_qc = config.quantization_config
         config.quantization_config = qc
