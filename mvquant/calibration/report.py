@@ -22,6 +22,128 @@ def stats_path_for(json_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + ".stats.safetensors")
 
 
+class _Bad(Exception):
+    """(field, problem) found by the schema checks; load() turns it into one MvquantError line."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _kind(x) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), "a number" if isinstance(x, (int, float)) else type(x).__name__)
+
+
+def _int(x, field: str, lo: int = 0) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+        raise _Bad(field, f"must be an integer >= {lo}, got {json.dumps(x)}")
+    return x
+
+
+def _number(x, field: str, *, positive: bool = True, optional: bool = False):
+    if x is None and optional:
+        return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or (positive and x <= 0):
+        raise _Bad(field, f"must be a {'positive ' if positive else ''}number, got {json.dumps(x)}")
+    return x
+
+
+def check_dims_per_head(sel, field: str, heads: int | None, head_dim: int | None) -> None:
+    """`sel` must be a list (one entry per head) of lists of dim indices in 0..head_dim-1."""
+    if not isinstance(sel, list):
+        raise _Bad(field, f"must be a list with one list of dims per head, got {_kind(sel)}")
+    if heads is not None and len(sel) != heads:
+        raise _Bad(field, f"has {len(sel)} heads, expected {heads}")
+    for h, dims in enumerate(sel):
+        if not isinstance(dims, list):
+            raise _Bad(f"{field}[{h}]", f"must be a list of dim indices, got {_kind(dims)} {json.dumps(dims)}")
+        for d in dims:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0 or (head_dim is not None and d >= head_dim):
+                limit = f"0..{head_dim - 1}" if head_dim else ">= 0"
+                raise _Bad(f"{field}[{h}]", f"holds {json.dumps(d)}: dims must be integers in {limit}")
+
+
+def check_layers(layers, num_layers: int, heads: dict[str, int | None], head_dim: int | None) -> None:
+    """Per layer: `index` and q/k/v objects whose `massive` lists match the heads and head_dim."""
+    if not isinstance(layers, list):
+        raise _Bad("layers", f"must be a list with one object per layer, got {_kind(layers)}")
+    if len(layers) != num_layers:
+        raise _Bad("layers", f"has {len(layers)} entries but num_layers is {num_layers}")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            raise _Bad(f"layers[{i}]", f"must be an object, got {_kind(entry)}")
+        if entry.get("index") != i or isinstance(entry.get("index"), bool):
+            raise _Bad(f"layers[{i}].index", f"must be {i}, got {json.dumps(entry.get('index'))}")
+        for kind in ("q", "k", "v"):
+            obj = entry.get(kind)
+            if not isinstance(obj, dict):
+                raise _Bad(f"layers[{i}].{kind}", f"must be an object with a 'massive' list, got {_kind(obj)}")
+            for key in ("massive", "massive_pairs"):
+                if key in obj or key == "massive":
+                    check_dims_per_head(obj.get(key), f"layers[{i}].{kind}.{key}", heads[kind], head_dim)
+
+
+def check_report_data(data) -> None:
+    """The schema of a report JSON: keys, types, per-layer/per-head shapes, value ranges."""
+    if not isinstance(data, dict):
+        raise _Bad("the top level", f"must be an object, got {_kind(data)}")
+    missing = [k for k in ("model", "num_layers", "layers") if k not in data]
+    if missing:
+        raise _Bad(", ".join(missing), "missing")
+    num_layers = _int(data["num_layers"], "num_layers", 1)
+    dims = {k: None if data.get(k) is None else _int(data[k], k, 1) for k in ("num_heads", "num_kv_heads", "head_dim")}
+    if "lambda" in data:
+        _number(data["lambda"], "lambda", optional=True)
+    if data.get("top_k") is not None:
+        _int(data["top_k"], "top_k", 1)
+    rope = data.get("rope")
+    if rope is not None:
+        if not isinstance(rope, dict):
+            raise _Bad("rope", f"must be an object (rotary_dim, pairing, theta) or null, got {_kind(rope)}")
+        rd = _int(rope.get("rotary_dim"), "rope.rotary_dim", 2)
+        if dims["head_dim"] is not None and rd > dims["head_dim"]:
+            raise _Bad("rope.rotary_dim", f"is {rd}, more than head_dim {dims['head_dim']}")
+        if rope.get("pairing") not in ("half", "interleaved"):
+            raise _Bad("rope.pairing", f"must be \"half\" or \"interleaved\", got {json.dumps(rope.get('pairing'))}")
+        _number(rope.get("theta"), "rope.theta", optional=True)
+    if data.get("stats_file") is not None and (not isinstance(data["stats_file"], str)
+                                               or Path(data["stats_file"]).name != data["stats_file"]):
+        raise _Bad("stats_file", f"must be a file name beside the report, got {json.dumps(data['stats_file'])}")
+    heads = {"q": dims["num_heads"], "k": dims["num_kv_heads"], "v": dims["num_kv_heads"]}
+    check_layers(data["layers"], num_layers, heads, dims["head_dim"])
+
+
+def load_stats(stats_file: Path, num_layers: int, heads: dict[str, int | None],
+               head_dim: int | None) -> dict[tuple[int, str], torch.Tensor]:
+    """The raw M statistics: `layers.{i}.{q,k,v}` -> [heads, head_dim], finite and >= 0."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(stats_file))
+    except Exception as e:  # SafetensorError (truncated, not a safetensors file), OSError
+        raise _Bad("the file", f"cannot be read: it is truncated or not safetensors ({str(e).strip().splitlines()[0][:120]})") from None
+    norms = {}
+    for key, t in tensors.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("q", "k", "v"):
+            raise _Bad(key, "is not a statistics tensor (expected layers.<i>.q|k|v)")
+        i, kind = int(parts[1]), parts[2]
+        if i >= num_layers:
+            raise _Bad(key, f"names layer {i} but the report has {num_layers} layers")
+        want = (heads[kind], head_dim)
+        if t.dim() != 2 or any(w is not None and w != g for w, g in zip(want, t.shape)):
+            raise _Bad(key, f"has shape {tuple(t.shape)}, expected "
+                            f"({want[0] or 'heads'}, {want[1] or 'head_dim'})")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise _Bad(key, "must hold finite norms >= 0")
+        norms[(i, kind)] = t
+    absent = [f"layers.{i}.{k}" for i in range(num_layers) for k in ("q", "k", "v") if (i, k) not in norms]
+    if absent:
+        raise _Bad(absent[0], f"is missing ({len(absent)} of {3 * num_layers} tensors absent)")
+    return norms
+
+
 @dataclass
 class CalibrationReport:
     meta: dict                                   # everything in the JSON except `layers`
@@ -88,7 +210,8 @@ class CalibrationReport:
         return self.norms[(layer, kind)]
 
     def check_matches(self, layout) -> None:
-        """Refuse a report from another model: layers, heads and head_dim must agree."""
+        """Refuse a report from another model: layers, heads and head_dim must agree, down to each
+        layer's per-head lists and the statistics' shapes."""
         want = {"model_type": layout.model_type, "num_layers": layout.num_layers, "num_heads": layout.num_heads,
                 "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim}
         got = {k: self.meta.get(k) for k in want}
@@ -96,6 +219,16 @@ class CalibrationReport:
             diff = ", ".join(f"{k} {got[k]} vs model {want[k]}" for k in want if got[k] != want[k])
             raise MvquantError(f"calibration report for '{self.model}' does not match this model ({diff}): "
                                "calibrate this model first (mvquant calibrate MODEL --output REPORT.json)")
+        heads = {kind: layout.heads(kind) for kind in ("q", "k", "v")}
+        try:
+            check_layers(self.layers, layout.num_layers, heads, layout.head_dim)
+            for (i, kind), t in self.norms.items():
+                if tuple(t.shape) != (heads[kind], layout.head_dim):
+                    raise _Bad(f"statistics layers.{i}.{kind}", f"have shape {tuple(t.shape)}, the model needs "
+                                                               f"({heads[kind]}, {layout.head_dim})")
+        except _Bad as e:
+            raise MvquantError(f"calibration report for '{self.model}' does not match this model ({e}): "
+                               "calibrate this model first (mvquant calibrate MODEL --output REPORT.json)") from None
 
     def summary(self) -> dict:
         """Model-level facts: share of layers with massive Q/K/V and of massive dims at low frequency."""
@@ -132,6 +265,8 @@ class CalibrationReport:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationReport":
+        """Read and validate a report and its statistics file: every problem is one MvquantError line
+        naming the file, the field and the fix."""
         path = Path(path)
         if not path.is_file():
             raise MvquantError(f"calibration report '{path}' not found: run mvquant calibrate --output {path}")
@@ -140,18 +275,28 @@ class CalibrationReport:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MvquantError(f"'{path}' is not a calibration report (invalid JSON: {e}): "
                                "give the file written by mvquant calibrate") from None
-        missing = [k for k in ("model", "num_layers", "layers") if k not in data]
-        if missing:
-            raise MvquantError(f"'{path}' is not a calibration report (missing {', '.join(missing)}): "
-                               "give the file written by mvquant calibrate")
+        model = data.get("model") if isinstance(data, dict) and isinstance(data.get("model"), str) else "MODEL"
+        fix = f"re-create it with mvquant calibrate {model} --output {path}"
+        try:
+            check_report_data(data)
+        except _Bad as e:
+            raise MvquantError(f"calibration report '{path}': {e.field} {e.problem}: {fix}") from None
         layers = data.pop("layers")
+        rope = data.get("rope") or {}
+        for entry in layers:  # DESIGN.md requires only `massive`; RoPE partners are derived from it
+            for kind in ("q", "k", "v"):
+                if "massive_pairs" not in entry[kind]:
+                    entry[kind]["massive_pairs"] = S.close_pairs(entry[kind]["massive"], rope.get("rotary_dim"),
+                                                                 rope.get("pairing"))
         norms = {}
         stats_file = path.with_name(data["stats_file"]) if data.get("stats_file") else None
         if stats_file is not None and stats_file.is_file():
-            from safetensors.torch import load_file
-            for key, t in load_file(str(stats_file)).items():
-                _, i, kind = key.split(".")
-                norms[(int(i), kind)] = t
+            heads = {"q": data.get("num_heads"), "k": data.get("num_kv_heads"), "v": data.get("num_kv_heads")}
+            try:
+                norms = load_stats(stats_file, data["num_layers"], heads, data.get("head_dim"))
+            except _Bad as e:
+                raise MvquantError(f"calibration statistics '{stats_file}' (beside '{path.name}'): {e.field} "
+                                   f"{e.problem}: {fix}") from None
         return cls(meta=data, layers=layers, norms=norms)
 
 
