@@ -21,7 +21,7 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False, kind: str
     cache), not replaced. need_bytes: free space the output needs (e.g. a checkpoint's estimate).
     """
     path = Path(path)
-    if path.name in ("", ".", "..") or _contains_cwd(path):
+    if not reuse and (path.name in ("", ".", "..") or _contains_cwd(path)):
         raise MvquantError(f"--output '{path}' is the current directory or one of its parents: name a new "
                            f"{'directory' if kind == 'dir' else 'file'} instead, e.g. --output "
                            f"{'checkpoints/my-model' if kind == 'dir' else 'out.json'}")

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import check_output_path
 from .engine import ArmContext, OutputDir, PreparedArm, run_cells
 from .outputs import group_mean, group_rows, write_outputs
 from .recipe import Arm, Recipe, load_recipe, parse_recipe
@@ -41,6 +42,7 @@ def compare(recipe: str | os.PathLike | Recipe, output: str | os.PathLike, *, qu
         task_runner = task_runner or EvalTaskRunner()
     if hasattr(arm_runner, "validate"):
         arm_runner.validate(recipe)   # e.g. quantizer settings: fail before the output dir is touched
+    check_output_path(output, kind="dir", make_parents=True, reuse=True, force=True)  # writable, not a file
     out = OutputDir(output, recipe, arm_runner_id=getattr(arm_runner, "cache_id", ""),
                     task_runner_id=getattr(task_runner, "cache_id", ""))
     state = out.check(force=force, resume=resume)

@@ -126,6 +126,8 @@ class OutputDir:
             held = {}
         if held.get("fingerprint") == self.recipe.fingerprint():
             return "force" if force else "same"
+        if not self.holds_results():
+            return "new"  # the manifest of a run that computed nothing: not binding
         if force:
             return "force"
         if resume:
@@ -166,11 +168,23 @@ class OutputDir:
             out.append(Cell(arm, task, limit, self.root / "cells" / a_key / f"{_safe(task)}-{key}.json", key))
         return out
 
+    def cached(self, cell: "Cell") -> dict | None:
+        """A cell's stored result, or None when it is missing or damaged (then it is recomputed)."""
+        r = self.read_json(cell.path)
+        if not isinstance(r, dict) or not {"acc", "stderr", "n"} <= set(r) or not isinstance(r["acc"], (int, float)):
+            return None
+        return r
+
+    def holds_results(self) -> bool:
+        """Any computed cell or arm here? A manifest without them (a run that failed before its first
+        cell, e.g. on a missing model) binds nothing, so the fixed recipe may take the directory."""
+        return any((self.root / d).is_dir() and any((self.root / d).iterdir()) for d in ("cells", "arms"))
+
     @staticmethod
     def read_json(path: Path) -> dict | None:
         try:
             return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
             return None  # a missing or torn file is simply not cached
 
 
@@ -195,7 +209,7 @@ def run_cells(recipe: Recipe, out: OutputDir, *, arm_runner: ArmRunner, task_run
     t_start = time.perf_counter()
     all_cells = {arm.name: out.cells(arm) for arm in recipe.arms}
     total = sum(map(len, all_cells.values()))
-    cached_before = sum(c.path.is_file() for cells in all_cells.values() for c in cells)
+    cached_before = sum(out.cached(c) is not None for cells in all_cells.values() for c in cells)
     if cached_before:
         log(f"compare: {cached_before} of {total} cells cached in {out.root}; computing the other {total - cached_before}")
     bar = tqdm(total=total, initial=cached_before, desc="arm x task", unit="cell", disable=not progress,
@@ -205,7 +219,7 @@ def run_cells(recipe: Recipe, out: OutputDir, *, arm_runner: ArmRunner, task_run
     try:
         for arm in recipe.arms:
             cells = all_cells[arm.name]
-            missing = [c for c in cells if not c.path.is_file()]
+            missing = [c for c in cells if out.cached(c) is None]  # absent or damaged: (re)compute
             arm_dir = out.arm_dir(arm)
             info_path = arm_dir / "arm.json"
             if not missing:
@@ -251,7 +265,7 @@ def run_cells(recipe: Recipe, out: OutputDir, *, arm_runner: ArmRunner, task_run
     for arm in recipe.arms:
         info = arm_infos.get(arm.name, {})
         for cell in all_cells[arm.name]:
-            r = out.read_json(cell.path)
+            r = out.cached(cell)
             if r is None:
                 raise MvquantError(f"cell {arm.name} x {cell.task} is missing from {cell.path.parent} after the run: "
                                    "rerun the same command to compute it")

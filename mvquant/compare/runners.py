@@ -65,7 +65,10 @@ class ModelArmRunner:
 
         path = ctx.calibration_path
         if path.is_file():
-            return CalibrationReport.load(path)
+            try:
+                return CalibrationReport.load(path)
+            except MvquantError as e:  # a damaged cache entry: compute it again rather than fail forever
+                print(f"compare: cached calibration unusable ({e}); calibrating again")
         if model is None:
             model, tokenizer = self.load_base(ctx.recipe)
         c = ctx.recipe.calibration
@@ -97,7 +100,11 @@ class ModelArmRunner:
             raise MvquantError(f"arm '{arm.name}': {e}") from None
 
     def validate(self, recipe) -> None:
-        """Up front: every quantized arm must make a valid QuantConfig (nothing runs otherwise)."""
+        """Up front: the model must exist and every quantized arm must make a valid QuantConfig
+        (nothing runs, nothing is written otherwise)."""
+        if self._load_model is None:
+            from ..models.loading import resolve_model_source
+            resolve_model_source(recipe.model)  # a missing local path fails here, before compare.json
         for arm in recipe.arms:
             if arm.quantized:
                 self.quant_config(arm, recipe)
