@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import MvquantError
 from ..models.adapters import get_layout
 from . import activations as A
-from .awq import awq_search
 from .config import QuantConfig
-from .gptq import gptq_quantize
 from .linear import QuantLinear
 from .protect import protected_rows
-from .smoothquant import smooth_scales
 
 
 def _is_linear(module) -> bool:
@@ -29,7 +26,9 @@ def linear_weight(module) -> torch.Tensor:
 
 
 def target_linears(model, config: QuantConfig) -> dict[str, torch.nn.Module]:
-    found = {name: m for name, m in model.named_modules() if _is_linear(m) and config.is_target(name)}
+    from ..pipeline import is_router
+    found = {name: m for name, m in model.named_modules()
+             if _is_linear(m) and config.is_target(name) and not is_router(name, m, model.config)}
     if not found:
         raise MvquantError("no linear layer matches the target patterns: check --targets / --ignore "
                            f"(targets {config.targets}, ignore {config.ignore})")
@@ -76,7 +75,7 @@ def quantize(model, config: QuantConfig | dict | None = None, report=None, calib
         from .bnb import quantize_bnb
         quantize_bnb(model, targets, config, rows)
     else:
-        _quantize_integer(model, targets, rows, config, calibration, tokenizer, progress)
+        _quantize_integer(model, layout, targets, rows, config, calibration, tokenizer, progress)
     modules = {name: int(rows[name].numel()) if name in rows else 0 for name in targets}
     qc = config.to_dict()
     qc["modules"] = modules
@@ -87,40 +86,25 @@ def quantize(model, config: QuantConfig | dict | None = None, report=None, calib
     return model
 
 
-def _quantize_integer(model, targets, rows, config: QuantConfig, calibration, tokenizer, progress):
-    method = config.method
-    needs = {"awq": {"absmean", "samples"}, "smoothquant": {"absmax"}, "gptq": {"hessian"}}.get(method)
-    stats = None
-    if needs:
+def _quantize_integer(model, layout, targets, rows, config: QuantConfig, calibration, tokenizer, progress,
+                      device=None):
+    """One code path for every integer method: the sequential pipeline, layer by layer."""
+    from ..pipeline import run_sequential
+    from .layer import NEEDS, build_quant_linear
+
+    seqs = None
+    if config.method in NEEDS:
         seqs = A.calibration_sequences(model, tokenizer, calibration, samples=config.calib_samples,
                                        seq_len=config.calib_seq_len, seed=config.seed, source=config.calib_data)
-        stats = A.collect_input_stats(model, targets, seqs, needs, seed=config.seed, progress=progress)
-    for name, module in tqdm(list(targets.items()), desc=f"quantize {method}", unit="linear", disable=not progress):
-        w = linear_weight(module).detach().float()
-        prot = rows.get(name)
-        keep = torch.ones(w.shape[0], dtype=torch.bool)
-        if prot is not None:
-            keep[prot] = False
-        wk = w[keep]
-        input_scale = quantized = None
-        if method == "awq":
-            st = stats[name]
-            input_scale, quantized = awq_search(wk, st.sample(), st.abs_mean, bits=config.bits,
-                                                group_size=config.group_size, symmetric=config.symmetric,
-                                                grid=config.awq_grid, clip_grid=config.awq_clip_grid)
-        elif method == "smoothquant":
-            input_scale = smooth_scales(stats[name].abs_max, wk, config.alpha)
-        elif method == "gptq":
-            quantized = gptq_quantize(wk, stats[name].hessian, bits=config.bits, group_size=config.group_size,
-                                      symmetric=config.symmetric, damp=config.gptq_damp, block=config.gptq_block,
-                                      act_order=config.gptq_act_order)
-        bias = getattr(module, "bias", None)
-        q = QuantLinear.from_weight(w.to(module.weight.dtype), bias, bits=config.bits, group_size=config.group_size,
-                                    symmetric=config.symmetric, protected_rows=prot, input_scale=input_scale,
-                                    quantized=quantized, act_bits=config.act_bits, compute=config.compute)
-        set_module(model, name, q.to(module.weight.device))
-        if stats is not None:
-            del stats[name]  # free the Hessian / samples as we go
+    done = set(run_sequential(model, layout, config, rows, seqs, device=device, progress=progress))
+    rest = [name for name in targets if name not in done]  # custom targets outside the decoder layers
+    if rest and config.method != "rtn":
+        warnings.warn(f"{len(rest)} target linears outside the decoder layers ({rest[0]}, ...) are rounded to "
+                      f"nearest: {config.method} runs per decoder layer")
+    for name in rest:
+        module = targets[name]
+        set_module(model, name, build_quant_linear(linear_weight(module), getattr(module, "bias", None),
+                                                   rows.get(name), config))
 
 
 def quantized_modules(model) -> dict[str, QuantLinear]:

@@ -64,12 +64,14 @@ class QuantLinear(torch.nn.Module):
         """Quantize `weight` [out, in] (RTN unless `quantized` = (codes, scales, zeros) for the
         non-protected rows of weight * input_scale, as produced by AWQ/GPTQ/SmoothQuant)."""
         out_f, in_f = weight.shape
-        rows = torch.as_tensor([] if protected_rows is None else protected_rows, dtype=torch.long).unique(sorted=True)
-        keep = torch.ones(out_f, dtype=torch.bool)
+        device = weight.device  # built where the weight lives (CPU or GPU)
+        rows = torch.as_tensor([] if protected_rows is None else protected_rows, dtype=torch.long)
+        rows = rows.to(device).unique(sorted=True)
+        keep = torch.ones(out_f, dtype=torch.bool, device=device)
         keep[rows] = False
         m = cls(in_f, out_f, bits=bits, group_size=group_size, symmetric=symmetric, n_protected=len(rows),
                 bias=bias is not None, input_scale=input_scale is not None, act_bits=act_bits, compute=compute,
-                dtype=weight.dtype)
+                dtype=weight.dtype, device=device)
         w = weight.detach().float()
         if quantized is None:
             wq = w[keep] * input_scale.half().float() if input_scale is not None else w[keep]
@@ -128,7 +130,9 @@ class QuantLinear(torch.nn.Module):
     def prepare(self) -> "QuantLinear":
         """Build the runtime index and the kernel's own weight layout from the stored tensors."""
         device = self.qweight.device
-        if device.type == "meta":
+        if device.type == "meta":  # no data: drop the runtime state, rebuilt when real tensors arrive
+            self.kernel, self._cache = "dequant", {}
+            self.quantized_rows = torch.empty(self.qweight.shape[0], dtype=torch.long, device=device)
             return self
         keep = torch.ones(self.out_features, dtype=torch.bool, device=device)
         keep[self.protected_rows.long()] = False
@@ -172,6 +176,14 @@ class QuantLinear(torch.nn.Module):
                 self._cache = {"wt": w8.t().contiguous(), "s": s}
             if offset is not None:
                 self._cache["offset"] = offset
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .to("meta") / device_map moves: the runtime state (kernel choice,
+        # packed cache, row index) is derived from the stored tensors, so rebuild it where they now are.
+        super()._apply(fn, recurse)
+        if hasattr(self, "_cache"):
+            self.prepare()
         return self
 
     # -- forward --------------------------------------------------------------------------------
