@@ -14,6 +14,7 @@ VERBS = {
     "quantize": "mvquant.quantization.cli",
     "eval": "mvquant.evaluation.cli",
     "compare": "mvquant.compare.cli",
+    "export": "mvquant.export.cli",
 }
 
 

@@ -1,0 +1,41 @@
+"""`mvquant export`: an mvquant checkpoint as compressed-tensors (+ OUT/protect-lora/) for vLLM/transformers."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import MvquantError
+
+HELP = "export a checkpoint as compressed-tensors W4A16/W8A16 with the protected rows as an exact LoRA (vLLM, transformers+peft)"
+FORMATS = ("compressed-tensors",)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .compressed import DTYPES, PROTECT_AS
+
+    p.add_argument("checkpoint", help="an mvquant checkpoint directory (mvquant quantize --output)")
+    p.add_argument("--format", default="compressed-tensors", help="compressed-tensors (the only one)")
+    p.add_argument("--output", "-o", required=True, help="directory to write (its parent must exist)")
+    p.add_argument("--protect-as", default="fp16", choices=PROTECT_AS,
+                   help="fp16: layers with protected rows keep q/k/v dense (exact, fastest in vLLM; default); "
+                        "lora: every linear packed, protected rows restored by OUT/protect-lora/ (smallest)")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="dtype of the unquantized tensors (default float16: the fp16 scales stay exact)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output directory")
+
+
+def run(args) -> int:
+    from .compressed import LORA_DIR, export_compressed_tensors
+
+    if args.format not in FORMATS:
+        raise MvquantError(f"unknown --format '{args.format}': use {' or '.join(FORMATS)}")
+    s = export_compressed_tensors(args.checkpoint, args.output, protect_as=args.protect_as, dtype=args.dtype,
+                                  force=args.force)
+    print(f"wrote {args.output}: compressed-tensors {s['bits']}-bit group {s['group_size'] or 'per-row'} "
+          f"{'symmetric' if s['symmetric'] else 'asymmetric'}, {s['dtype']}, "
+          f"{s['bits_per_weight']:.3f} bits/weight over the quantized linears")
+    if s["lora_modules"]:
+        print(f"  {args.output}/{LORA_DIR}/: {s['protected_rows']} protected rows in {len(s['lora_modules'])} "
+              f"modules, LoRA rank {s['lora_rank']} (load with peft, or vLLM --enable-lora)")
+    elif s["dense_modules"]:
+        print(f"  {len(s['dense_modules'])} attention projections kept dense ({s['dtype']}): protected rows exact")
+    return 0

@@ -1,0 +1,236 @@
+"""mvquant checkpoint -> compressed-tensors (pack-quantized W4A16 / W8A16) + exact protect-LoRA.
+
+The packed rows keep their stored codes, fp16 scales and zero points bit for bit; only the format
+changes (compressed-tensors' signed codes q - 2^(b-1), packed into int32 by its own pack_to_int32).
+Protected rows have no place in a one-precision linear, so they are re-quantized RTN on the module's
+grid and restored by a correction (see lora.py), or the whole attention projection stays dense.
+
+    OUT/config.json                   quantization_config: quant_method "compressed-tensors"
+    OUT/model.safetensors             weight_packed / weight_scale / weight_zero_point / weight_shape
+    OUT/protect-lora/                 adapter_config.json + adapter_model.safetensors (--protect-as lora)
+    OUT/tokenizer files, generation_config.json, calibration.json, mvquant_export.json
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import MvquantError
+from ..io import atomic_directory, atomic_write_json, check_output_path
+from ..quantization import core
+from .lora import padded_rank, selector_and_delta
+
+PROTECT_AS = ("lora", "fp16")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+ENGINE_BITS = (4, 8)
+LORA_DIR = "protect-lora"
+QKV = ("q_proj", "k_proj", "v_proj")
+# files of an mvquant checkpoint that are not carried over (weights and shard index, its config, manifest)
+_SKIP = {"config.json", "mvquant_manifest.json", "README.md"}
+
+
+# -- the pure math ---------------------------------------------------------------------------------
+def full_grid(qlin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Every output row on the module's integer grid: (codes uint8 [out, in], scales fp16 [out, groups],
+    zeros uint8 [out, groups] | None, delta fp32 [n_protected, in]) with
+    protected_weight = deQ(codes[S]) + delta (delta is small: within half a grid step)."""
+    out_f = qlin.out_features
+    rows = qlin.protected_rows.long()
+    qrows = torch.ones(out_f, dtype=torch.bool)
+    qrows[rows] = False
+    codes = torch.empty(out_f, qlin.in_features, dtype=torch.uint8)
+    scales = torch.empty(out_f, qlin.scales.shape[1], dtype=torch.float16)
+    zeros = None if qlin.zeros is None else torch.empty(out_f, qlin.scales.shape[1], dtype=torch.uint8)
+    codes[qrows], scales[qrows] = qlin.codes(), qlin.scales
+    if zeros is not None:
+        zeros[qrows] = qlin.zero_points()
+    delta = torch.zeros(0, qlin.in_features)
+    if len(rows):
+        w_s = qlin.protected_weight.float()
+        c, s, z = core.quantize_weight(w_s, qlin.bits, qlin.group_size, qlin.symmetric)
+        codes[rows], scales[rows] = c, s
+        if zeros is not None:
+            zeros[rows] = z
+        delta = w_s - core.dequantize_codes(c, s, z, qlin.bits, qlin.group_size)
+    return codes, scales, zeros, delta
+
+
+def to_compressed(codes, scales, zeros, bits: int) -> dict[str, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors of one linear (signed codes, zero point packed on dim 0)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    half = 1 << (bits - 1)
+    out = {"weight_packed": pack_to_int32((codes.to(torch.int16) - half).to(torch.int8), bits),
+           "weight_scale": scales.to(torch.float16).contiguous(),
+           "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64)}
+    if zeros is not None:
+        out["weight_zero_point"] = pack_to_int32((zeros.to(torch.int16) - half).to(torch.int8), bits, packed_dim=0)
+    return out
+
+
+def quantization_config(bits: int, group_size: int | None, symmetric: bool, ignore: list[str]) -> dict:
+    """The config.json `quantization_config`, built from compressed-tensors' own typed classes."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                            strategy="group" if group_size else "channel", group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    cfg = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                             quantization_status="compressed", ignore=sorted(ignore))
+    d = cfg.model_dump(exclude_none=True)
+    d["quant_method"] = "compressed-tensors"
+    return d
+
+
+# -- checks ----------------------------------------------------------------------------------------
+def check_exportable(qc: dict, modules: dict) -> None:
+    """Refuse, with the reason, what no engine runs (one line each)."""
+    method, bits = qc.get("method"), qc.get("bits")
+    if str(method).startswith("bnb-"):
+        raise MvquantError(f"{method} is an in-memory bitsandbytes baseline with no exportable weights: "
+                           "quantize with --method rtn/awq/gptq")
+    if qc.get("act_bits") or method == "smoothquant":
+        raise MvquantError("SmoothQuant W8A8 is not exported: its int8 activations divide by a per-channel "
+                           "input scale at run time that compressed-tensors W8A16/W4A16 has no place for; "
+                           "quantize with --method rtn/awq/gptq --bits 4 or 8")
+    if bits not in ENGINE_BITS:
+        raise MvquantError(f"{bits}-bit weights have no kernel in vLLM or transformers' compressed-tensors "
+                           "path: re-quantize with --bits 4 or --bits 8")
+    for name, m in modules.items():
+        if m.input_scale is not None:
+            raise MvquantError(f"{name} stores an input_scale (x / s at run time, from {method}): no engine "
+                               "format applies it; re-quantize with a version of mvquant that folds AWQ scales "
+                               "into the previous norm/linear, or use --method rtn/gptq")
+        g = m.group_size
+        if g and m.in_features % g:
+            ok = [d for d in (32, 64, 128, 256) if all(x.in_features % d == 0 for x in modules.values())]
+            raise MvquantError(f"group size {g} does not divide {name}.in_features = {m.in_features} (engines need "
+                               f"whole groups): re-quantize with --group-size "
+                               f"{' or '.join(map(str, ok + [-1]))} (-1: one group per row)")
+
+
+def _dense_siblings(modules: dict) -> set[str]:
+    """--protect-as fp16: each protected projection stays dense, with its q/k/v siblings (vLLM fuses
+    q, k, v into one qkv_proj and needs them to share one scheme)."""
+    dense = set()
+    for name, m in modules.items():
+        if m.n_protected:
+            parent, _, leaf = name.rpartition(".")
+            dense.add(name)
+            if leaf in QKV:
+                dense.update(f"{parent}.{s}" for s in QKV if f"{parent}.{s}" in modules)
+    return dense
+
+
+# -- the export ------------------------------------------------------------------------------------
+def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: str = "float16",
+                              force: bool = False) -> dict:
+    """Write OUT (see the module docstring). Returns the summary also written to mvquant_export.json."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import load, verify_checkpoint
+    from ..checkpoint import _state_dict_for_saving
+    from ..quantization.api import quantized_modules
+
+    for mod, pkg in (("compressed_tensors", "compressed-tensors"), ("peft", "peft")):
+        try:
+            __import__(mod)
+        except ImportError:
+            raise MvquantError(f"mvquant export needs {pkg}: pip install -c scripts/constraints.txt "
+                               "-e '.[export]' (or bash scripts/setup.sh)") from None
+    if protect_as not in PROTECT_AS:
+        raise MvquantError(f"unknown --protect-as '{protect_as}': use one of {', '.join(PROTECT_AS)}")
+    if dtype not in DTYPES:
+        raise MvquantError(f"unknown --dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    ckpt, output = Path(ckpt), Path(output)
+    check_output_path(output, force=force, kind="dir")
+    if not (ckpt / "config.json").is_file():
+        raise MvquantError(f"'{ckpt}' is not a checkpoint directory (no config.json): give the --output of mvquant quantize")
+    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "mvquant":
+        raise MvquantError(f"'{ckpt}' is not an mvquant checkpoint (quant_method {qc.get('quant_method')!r}): "
+                           "give the --output of mvquant quantize")
+    check_exportable(qc, {})            # what the config alone says, before loading anything
+    verify_checkpoint(ckpt, checksums=True)
+    model = load(ckpt)
+    modules = quantized_modules(model)
+    check_exportable(qc, modules)
+    tdtype = DTYPES[dtype]
+    bits, group, sym = qc["bits"], qc.get("group_size"), bool(qc.get("symmetric"))
+
+    dense = _dense_siblings(modules) if protect_as == "fp16" else set()
+    tensors, lora, n_protected, max_rows = {}, {}, 0, 0
+    packed_bits, packed_weights = 0, 0
+    for name, m in modules.items():
+        n_protected += m.n_protected
+        packed_weights += m.out_features * m.in_features
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to(tdtype)
+        if name in dense:
+            tensors[f"{name}.weight"] = m.dequantized_weight(torch.float32).to(tdtype)
+            packed_bits += m.out_features * m.in_features * 16
+            continue
+        codes, scales, zeros, delta = full_grid(m)
+        for k, t in to_compressed(codes, scales, zeros, bits).items():
+            tensors[f"{name}.{k}"] = t
+        packed_bits += codes.numel() * bits + scales.numel() * 16 + (0 if zeros is None else zeros.numel() * bits)
+        if m.n_protected:
+            lora[name] = (m.protected_rows.long(), delta, m.out_features)
+            max_rows = max(max_rows, m.n_protected)
+    # everything that is not a quantized linear: embeddings, norms, an unquantized lm_head
+    qnames = tuple(f"{n}." for n in modules)
+    for key, t in _state_dict_for_saving(model).items():
+        if not key.startswith(qnames):
+            tensors[key] = t.to(tdtype) if t.is_floating_point() else t
+    ignore = [n for n, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and n not in modules] + sorted(dense)
+
+    rank = padded_rank(max_rows) if lora else 0
+    lora_bits = 0
+    summary = {"source": str(ckpt), "format": "compressed-tensors", "pack": "pack-quantized",
+               "bits": bits, "group_size": group, "symmetric": sym, "dtype": dtype, "protect_as": protect_as,
+               "protected_rows": n_protected, "dense_modules": sorted(dense), "lora_rank": rank,
+               "lora_modules": sorted(lora)}
+    with atomic_directory(output, force=force) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config = model.config
+        saved_qc = getattr(config, "quantization_config", None)
+        config.quantization_config = quantization_config(bits, group, sym, ignore)
+        saved_dtype = getattr(config, "dtype", None)
+        config.dtype = tdtype
+        try:
+            config.save_pretrained(tmp)
+        finally:
+            config.quantization_config, config.dtype = saved_qc, saved_dtype
+        for f in sorted(ckpt.iterdir()):
+            if f.is_file() and f.name not in _SKIP and not f.name.startswith((".", "model.mvquant")):
+                shutil.copy2(f, tmp / f.name)
+        if lora:
+            lora_bits = _write_lora(tmp / LORA_DIR, lora, rank, tdtype)
+        summary["bits_per_weight"] = round((packed_bits + lora_bits) / max(packed_weights, 1), 4)
+        summary["bits_per_weight_base"] = round(packed_bits / max(packed_weights, 1), 4)
+        atomic_write_json(tmp / "mvquant_export.json", summary)
+    return summary
+
+
+def _write_lora(path: Path, lora: dict, rank: int, dtype) -> int:
+    """PEFT adapter (config from peft's own LoraConfig). Returns the bits it stores (for bits/weight)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    tensors, nbits = {}, 0
+    for name, (rows, delta, out_f) in lora.items():
+        a, b = selector_and_delta(rows, delta, out_f, rank, dtype)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        nbits += len(rows) * (delta.shape[1] * 16 + 32)   # what it carries: |S| delta rows + row indices
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(lora), lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", inference_mode=True)
+    config.save_pretrained(str(path))
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return nbits
