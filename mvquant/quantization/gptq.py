@@ -25,25 +25,28 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
     g = group_size or cols
     groups = core.num_groups(cols, group_size)
     qmax = (1 << bits) - 1
-    scale = torch.empty(rows, groups, dtype=torch.float16)
-    zero = None if symmetric else torch.empty(rows, groups, dtype=torch.uint8)
+    dev = w.device
+    h = h.to(dev)
+    scale = torch.empty(rows, groups, dtype=torch.float16, device=dev)
+    zero = None if symmetric else torch.empty(rows, groups, dtype=torch.uint8, device=dev)
     if act_order:  # static groups: parameters from the unmodified weights
         s_all, z_all = core.compute_params(w, bits, group_size, symmetric)
         scale.copy_(s_all)
         if zero is not None:
             zero.copy_(z_all)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=dev)
     w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype, device=dev)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
+    perm_list = perm.tolist()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])              # original column index
+            col = perm_list[i1 + i]              # original column index
             grp = col // g
             if not act_order and col % g == 0:   # dynamic groups: params from the updated weights
                 end = min(col + g, cols)
@@ -67,3 +70,57 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return codes, scale, zero
+
+
+# -- one decoder layer at a time ------------------------------------------------------------------
+# "True sequential" as in IST-DASLab's llama.py and GPTQModel: the layer's linears are split into
+# the sets that read the same input, in the order the forward pass reaches them (q/k/v, o,
+# gate/up, down on Llama); each set's Hessian is collected with the sets before it already
+# quantized, so o_proj's GPTQ sees the error of the quantized q/k/v. ctx.inputs are already the
+# outputs of the quantized layers before this one.
+
+def input_sets(ctx) -> list[list[str]]:
+    """Target linears (full names) grouped by the tensor they read, in forward order (first batch)."""
+    order: list[list[str]] = []
+    last = [None]
+
+    def make(name):
+        def hook(_m, args):
+            if last[0] is args[0] and order:
+                order[-1].append(name)
+            else:
+                last[0] = args[0]
+                order.append([name])
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in ctx.linears.items()]
+    try:
+        with torch.inference_mode():
+            hidden, kwargs = ctx.inputs[0]
+            ctx.layer(hidden, **kwargs)
+    finally:
+        last[0] = None
+        for h in handles:
+            h.remove()
+    seen, sets = set(), []
+    for group in order:
+        group = [n for n in dict.fromkeys(group) if n not in seen]
+        seen.update(group)
+        if group:
+            sets.append(group)
+    missing = [n for n in ctx.linears if n not in seen]
+    return sets + ([missing] if missing else [])
+
+
+def quantize_layer(ctx) -> None:
+    """GPTQ on one decoder layer, set by set (ctx: mvquant.quantization.layer.LayerContext)."""
+    from .layer import collect_layer_stats, gptq_with_fallback, kept_rows, linear_weight, quantize_module
+    for names in input_sets(ctx):
+        sub = type(ctx)(**{**ctx.__dict__, "linears": {n: ctx.linears[n] for n in names}})
+        stats = collect_layer_stats(sub, {"hessian"})
+        for name in names:
+            w = linear_weight(ctx.linears[name]).detach().float()
+            wk = w[kept_rows(w.shape[0], ctx.rows.get(name), w.device)]
+            h = stats.pop(name).hessian
+            quantized = gptq_with_fallback(wk, h.to(wk.device), ctx.config, name) if wk.shape[0] else None
+            quantize_module(ctx, name, quantized=quantized)

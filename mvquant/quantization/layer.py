@@ -176,10 +176,20 @@ def generic_layer(ctx: LayerContext) -> None:
         quantize_module(ctx, name, quantized=quantized, input_scale=input_scale)
 
 
+def _awq_layer(ctx: LayerContext) -> None:
+    from .awq import quantize_layer as awq_layer
+    awq_layer(ctx)
+
+
+def _gptq_layer(ctx: LayerContext) -> None:
+    from .gptq import quantize_layer as gptq_layer
+    gptq_layer(ctx)
+
+
 LAYER_METHODS: dict[str, Callable[[LayerContext], None]] = {
     "rtn": rtn_layer,
-    "awq": generic_layer,
-    "gptq": generic_layer,
+    "awq": _awq_layer,
+    "gptq": _gptq_layer,
     "smoothquant": generic_layer,
 }
 
