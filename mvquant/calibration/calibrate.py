@@ -75,6 +75,22 @@ def max_positions(model) -> int | None:
     return None
 
 
+def check_settings(*, samples: int, seq_len: int, batch_size: int, lam: float, top_k: int | None,
+                   head_dim: int | None = None) -> None:
+    """The settings that need no model (head_dim, when known, bounds --top-k): the CLI checks them
+    before the model loads."""
+    if samples <= 0:
+        raise MvquantError(f"--samples must be positive, got {samples}")
+    if seq_len <= 0:
+        raise MvquantError(f"--seq-len must be positive, got {seq_len}")
+    if batch_size <= 0:
+        raise MvquantError(f"--batch-size must be positive, got {batch_size}")
+    if not lam > 0:
+        raise MvquantError(f"--lambda must be positive, got {lam}")
+    if top_k is not None and not 0 < top_k <= (head_dim or top_k):
+        raise MvquantError(f"--top-k must be in 1..{head_dim or 'head_dim'}, got {top_k}")
+
+
 def calibrate(model, tokenizer, *, data: str = D.DEFAULT_SOURCE, texts: list[str] | None = None,
               samples: int = 32, seq_len: int = 512, batch_size: int = 4, lam: float = 5.0,
               top_k: int | None = None, seed: int = 0, pack: bool = True, progress: bool = True,
@@ -85,12 +101,8 @@ def calibrate(model, tokenizer, *, data: str = D.DEFAULT_SOURCE, texts: list[str
     M > lam x head mean.
     """
     layout = get_layout(model)
-    if lam <= 0:
-        raise MvquantError(f"--lambda must be positive, got {lam}")
-    if top_k is not None and not 0 < top_k <= layout.head_dim:
-        raise MvquantError(f"--top-k must be in 1..{layout.head_dim} (head_dim), got {top_k}")
-    if batch_size <= 0:
-        raise MvquantError("--batch-size must be positive")
+    check_settings(samples=samples, seq_len=seq_len, batch_size=batch_size, lam=lam, top_k=top_k,
+                   head_dim=layout.head_dim)
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
         raise MvquantError(f"--seq-len {seq_len} is beyond the model's {limit} positions: use --seq-len {limit} or less")

@@ -32,22 +32,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
-def _parse_layers(text: str | None, num_layers: int) -> list[int] | None:
+def _parse_layers(text: str | None, num_layers: int | None) -> list[int] | None:
+    """--plot-layers as a list; range-checked when the layer count is known."""
     if text is None:
         return None
     try:
         layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise MvquantError(f"--plot-layers '{text}' is not a comma-separated list of integers, e.g. 0,15,29") from None
-    bad = [x for x in layers if not 0 <= x < num_layers]
-    if bad or not layers:
-        raise MvquantError(f"--plot-layers {text}: layers must be in 0..{num_layers - 1}")
+    if not layers:
+        raise MvquantError(f"--plot-layers '{text}' names no layer: give e.g. 0,15,29")
+    bad = [x for x in layers if x < 0 or (num_layers is not None and x >= num_layers)]
+    if bad:
+        raise MvquantError(f"--plot-layers {text}: layers must be in 0..{'N-1' if num_layers is None else num_layers - 1}"
+                           f"{'' if num_layers is None else ' (the model has ' + str(num_layers) + ' layers)'}")
     return layers
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model
-    from .calibrate import calibrate
+    from ..models import get_layout, load_model
+    from ..models.loading import peek_layout
+    from .calibrate import calibrate, check_settings
     from .plot import plot_report
     from .summary import format_summary
 
@@ -56,7 +61,15 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(stats_path_for(args.output), force=args.force)
     if args.plot:
         check_output_path(args.plot, force=args.force)
+    if args.plot_layers is not None and not args.plot:
+        raise MvquantError("--plot-layers chooses the layers of --plot: add --plot REPORT.png")
+    # Settings that need no weights fail now, not after the model loads or the pass ends.
+    layout = peek_layout(args.model)
+    check_settings(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, lam=args.lam,
+                   top_k=args.top_k, head_dim=layout.head_dim if layout else None)
+    _parse_layers(args.plot_layers, layout.num_layers if layout else None)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    _parse_layers(args.plot_layers, get_layout(model).num_layers)
     report = calibrate(model, tokenizer, data=args.data, samples=args.samples, seq_len=args.seq_len,
                        batch_size=args.batch_size, lam=args.lam, top_k=args.top_k, seed=args.seed,
                        pack=not args.no_pack, progress=not args.quiet, model_name=str(args.model))

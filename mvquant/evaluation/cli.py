@@ -32,6 +32,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _check_disruption_args(args) -> None:
+    """What needs no weights (layer numbers, top-k, the report against the model's config) fails
+    before the model loads and before a quick calibration."""
+    from ..calibration import load_report
+    from ..errors import MvquantError
+    from ..models.loading import peek_layout
+    from .lm import parse_layers
+
+    if args.disrupt is None:
+        return
+    if args.top_k is not None and args.top_k <= 0:
+        raise MvquantError(f"--top-k must be positive, got {args.top_k}")
+    if args.lam is not None and not args.lam > 0:
+        raise MvquantError(f"--lambda must be positive, got {args.lam}")
+    layers = parse_layers(args.layers)
+    if layers is not None and (not layers or min(layers) < 0):
+        raise MvquantError(f"--layers '{args.layers}' names no valid layer: use e.g. 0-9 or 0,5,7")
+    report = load_report(args.calibration) if args.calibration else None
+    layout = peek_layout(args.model)
+    if layout is None:
+        return
+    if layers and max(layers) >= layout.num_layers:
+        raise MvquantError(f"--layers {args.layers} out of range: the model has layers 0..{layout.num_layers - 1}")
+    if args.top_k is not None and args.top_k > layout.head_dim:
+        raise MvquantError(f"--top-k {args.top_k} is more than head_dim {layout.head_dim}")
+    if report is not None:
+        report.check_matches(layout)
+
+
 def run(args) -> int:
     from ..errors import MvquantError
     from .runner import check_limit, evaluate, to_markdown
@@ -45,6 +74,7 @@ def run(args) -> int:
                            "--disrupt massive or --disrupt non-massive")
     if args.max_tokens <= 0:
         raise MvquantError("--max-tokens must be positive")
+    _check_disruption_args(args)
     result = evaluate(args.model, args.tasks, limit=limit, disrupt=args.disrupt, top_k=args.top_k, lam=args.lam,
                       layers=args.layers, pairs=args.pairs, report=args.calibration, dtype=args.dtype,
                       max_tokens=args.max_tokens, include_path=args.include_path, progress=not args.no_progress)

@@ -27,9 +27,40 @@ def is_mvquant_checkpoint(path: str | os.PathLike) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    with open(config) as f:
-        qc = json.load(f).get("quantization_config") or {}
-    return qc.get("quant_method") == "mvquant"
+    return ((read_config_json(config).get("quantization_config") or {}).get("quant_method")) == "mvquant"
+
+
+def read_config_json(path: Path) -> dict:
+    """A model's config.json as a dict; a torn or hand-broken file is one clear error."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MvquantError(f"'{path}' is not valid JSON ({e}): restore it, or re-create the model directory "
+                           "(save_pretrained / mvquant quantize)") from None
+    if not isinstance(data, dict):
+        raise MvquantError(f"'{path}' is not a model config (a JSON object is expected): restore it, or "
+                           "re-create the model directory") from None
+    return data
+
+
+def peek_layout(name: str | os.PathLike | None):
+    """The ModelLayout (layers, heads, head_dim) of what `name` names, from its config alone, without
+    loading weights: lets the CLI check layer numbers and reports before the model loads. None where
+    that needs the network or a GGUF parse."""
+    from transformers import AutoConfig
+
+    from .adapters import get_layout
+
+    src = resolve_model_source(name)
+    if src["kind"] not in ("builtin", "dir", "mvquant"):
+        return None
+    path = builtin_model_dir() if src["kind"] == "builtin" else Path(src["path"])
+    read_config_json(path / "config.json")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise MvquantError(f"could not read the config of '{name}': {_first_line(e)}") from None
+    return get_layout(config)
 
 
 def resolve_model_source(name: str | os.PathLike | None) -> dict:
@@ -63,6 +94,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
     mvquant checkpoint, or a Hugging Face id (needs the network unless it is in the HF cache).
     `device_map`: passed to transformers/accelerate ('auto' offloads what does not fit).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model_source(name)
@@ -79,11 +111,12 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
         tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": src["gguf_file"]} if src.get("gguf_file") else {}),
                                                   trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         if src["kind"] == "hub":
             raise MvquantError(f"could not load '{name}' from the Hugging Face hub or its cache ({_first_line(e)}): "
                                "check the id and your network, or give a local directory") from None
-        raise MvquantError(f"could not load model from '{name}': {_first_line(e)}") from None
+        raise MvquantError(f"could not load model from '{name}': {_first_line(e)}: check its files, or re-create "
+                           "the directory (save_pretrained)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

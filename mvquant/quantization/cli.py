@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..errors import MvquantError
 from ..io import atomic_write_json, check_output_path
@@ -61,10 +62,41 @@ def config_from_args(args) -> "QuantConfig":
                        calib_seq_len=args.calib_seq_len, calib_data=args.calib_data, compute=args.compute)
 
 
+def checkpoint_bytes(model, config) -> int:
+    """A generous estimate of the checkpoint's size: decoder linears at `bits` (+25% for scales, zero
+    points and protected rows), everything else (embeddings, norms) as held; tied tensors once."""
+    import torch
+
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total, seen = 0, set()
+    for p in [*model.parameters(), *model.buffers()]:
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * config.bits / 8 * 1.25 if id(p) in linear else p.numel() * p.element_size()
+    return int(total) + (1 << 20)  # + config, tokenizer, manifest
+
+
+def _warn_unprotected(config, report, layout) -> None:
+    """--protect massive/random on a model without RoPE (or with no massive dims): say so, before the work."""
+    policy, _ = config.protect_policy()
+    if policy not in ("massive", "random"):
+        return
+    dims = sum(len(d) for i in range(layout.num_layers) for kind in ("q", "k") for d in report.massive(i, kind))
+    if not layout.has_rope:
+        print(f"mvquant quantize: warning: {layout.model_type} has no RoPE, so no concentrated massive Q/K values "
+              f"are expected; --protect {config.protect} follows the report's {dims} selected dims"
+              + (" (none: nothing is protected)" if dims == 0 else ""), file=sys.stderr)
+    elif dims == 0:
+        print(f"mvquant quantize: warning: the report selects no massive Q/K dims, so --protect {config.protect} "
+              "protects nothing: recalibrate with a lower --lambda or use --protect topk:N", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..calibration import load_report
     from ..checkpoint import save_quantized
     from ..models import get_layout, load_model
+    from ..models.loading import peek_layout
     from .api import format_summary, quantize
 
     config = config_from_args(args)  # bad method / bits / policy / group size fail here, before any work
@@ -82,9 +114,16 @@ def run(args: argparse.Namespace) -> int:
         from .bnb import require_bnb
         require_bnb()
     report = load_report(args.calibration) if args.calibration else None
+    peeked = peek_layout(args.model)  # from config.json: a report of another model fails before loading
+    if report is not None and peeked is not None:
+        report.check_matches(peeked)
     model, tokenizer = load_model(args.model)
+    layout = get_layout(model)
     if report is not None:
-        report.check_matches(get_layout(model))
+        report.check_matches(layout)
+        _warn_unprotected(config, report, layout)
+    if args.output:  # the weights are known now: is there room for the checkpoint?
+        check_output_path(args.output, force=args.force, kind="dir", need_bytes=checkpoint_bytes(model, config))
     quantize(model, config, report=report, tokenizer=tokenizer, progress=not args.quiet)
     summary = model.mvquant_summary
     if args.output:
