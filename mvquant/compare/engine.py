@@ -178,7 +178,7 @@ class OutputDir:
     def holds_results(self) -> bool:
         """Any computed cell or arm here? A manifest without them (a run that failed before its first
         cell, e.g. on a missing model) binds nothing, so the fixed recipe may take the directory."""
-        return any((self.root / d).is_dir() and any((self.root / d).iterdir()) for d in ("cells", "arms"))
+        return any(p.is_file() for d in ("cells", "arms") for p in (self.root / d).rglob("*"))
 
     @staticmethod
     def read_json(path: Path) -> dict | None:
