@@ -1,7 +1,10 @@
-"""Quantized checkpoints: one safetensors file (no pickle) + config.json + tokenizer + the
+"""Quantized checkpoints: safetensors shards (no pickle) + config.json + tokenizer + the
 calibration report + a manifest of sizes and SHA-256 checksums, written atomically.
 
-    DIR/model.mvquant.safetensors   all tensors (packed linears + everything else in the model dtype)
+    DIR/model.mvquant-0000N.safetensors   the tensors, shard by shard (packed linears; everything else
+                                          in fp16/bf16 by default, see QuantConfig.store_dtype)
+    DIR/model.mvquant.safetensors.index.json   tensor -> shard (older checkpoints: one
+                                          model.mvquant.safetensors, still loaded)
     DIR/config.json                 the model config with quantization_config (quant_method "mvquant")
     DIR/mvquant_manifest.json       format, file sizes and sha256, the quantization summary
     DIR/calibration.json (+ .stats.safetensors)   the report the protection came from, if any
@@ -47,8 +50,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
+INDEX_NAME = "model.mvquant.safetensors.index.json"   # checkpoints written shard by shard
+SHARD_NAME = "model.mvquant-{:05d}.safetensors"
+SHARD_BYTES = 1 << 30
+QUANT_BUFFERS = ("qweight", "scales", "zeros", "protected_rows", "protected_weight", "input_scale")
+
+
+def storage_cast(key: str, t: torch.Tensor, quantized: set[str], dtype: torch.dtype | None) -> torch.Tensor:
+    """The tensor as stored: QuantLinear's packed buffers as they are, other floating tensors
+    (embeddings, norms, biases, an untied lm_head) in `dtype` (None: unchanged)."""
+    module, _, attr = key.rpartition(".")
+    if dtype is None or not t.is_floating_point() or (module in quantized and attr in QUANT_BUFFERS):
+        return t
+    return t.to(dtype)
+
+
+def _state_dict_for_saving(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Persistent tensors, each stored once: tied weights (lm_head = embeddings) are re-tied on load."""
+    from ..quantization.api import quantized_modules
+
+    quantized = set(quantized_modules(model))
     out, seen = {}, {}
     for key, t in model.state_dict().items():
         ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
@@ -56,55 +77,116 @@ def _state_dict_for_saving(model) -> dict[str, torch.Tensor]:
             continue
         if ident is not None:
             seen[ident] = key
-        out[key] = t.detach().contiguous().cpu()
+        out[key] = storage_cast(key, t.detach(), quantized, dtype).contiguous().cpu()
     return out
 
 
-def save_quantized(model, tokenizer, out_dir, report=None, force: bool = False) -> Path:
-    """Write a quantized model to `out_dir` (refused if it exists, unless force). Returns the path."""
-    from ..quantization.api import quantized_modules
+class ShardWriter:
+    """Numbered safetensors shards in a directory, then the index naming each tensor's shard.
 
-    qc = getattr(model.config, "quantization_config", None)
+    add() buffers tensors and writes a shard once `max_bytes` are pending; flush() writes what is
+    pending now (the streaming pipeline flushes after each decoder layer, so memory stays one layer)."""
+
+    def __init__(self, directory, max_bytes: int = SHARD_BYTES):
+        self.dir, self.max_bytes = Path(directory), max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = self.shards = 0
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            if key in self.weight_map or key in self.pending:
+                raise MvquantError(f"tensor '{key}' written twice to the checkpoint")
+            self.pending[key] = t.detach().contiguous().cpu()
+            self.pending_bytes += t.numel() * t.element_size()
+            if self.pending_bytes >= self.max_bytes:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.shards += 1
+        name = SHARD_NAME.format(self.shards)
+        save_safetensors(self.pending, self.dir / name, metadata={"format": "mvquant", "mvquant_format": FORMAT})
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> tuple[int, str]:
+        """Write the index; returns (number of tensors, the file transformers is pointed at). Everything
+        in one shard is written as the single model.mvquant.safetensors of earlier versions."""
+        if self.shards == 0:
+            n = len(self.pending)
+            save_safetensors(self.pending, self.dir / _weights_name(),
+                             metadata={"format": "mvquant", "mvquant_format": FORMAT})
+            self.pending, self.pending_bytes = {}, 0
+            return n, _weights_name()
+        self.flush()
+        atomic_write_json(self.dir / INDEX_NAME, {"metadata": {"total_size": self.total_bytes, "format": "mvquant"},
+                                                  "weight_map": dict(sorted(self.weight_map.items()))})
+        return len(self.weight_map), INDEX_NAME
+
+
+def _checked_qc(qc) -> dict:
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
     if not qc or qc.get("quant_method") != "mvquant":
         raise MvquantError("this model is not quantized by mvquant: run mvquant.quantize(model, config) first")
     if qc.get("method", "").startswith("bnb-"):
         raise MvquantError(f"{qc['method']} is an in-memory bitsandbytes baseline and is not saved as a "
                            "checkpoint: evaluate it in the same process, or use --method rtn/awq/gptq/smoothquant")
+    return dict(qc)
+
+
+def save_quantized(model, tokenizer, out_dir, report=None, force: bool = False,
+                   shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write a quantized model to `out_dir` (refused if it exists, unless force). Returns the path."""
+    from ..quantization.api import quantized_modules
+
+    qc = _checked_qc(getattr(model.config, "quantization_config", None))
     if not quantized_modules(model):
         raise MvquantError("the model has no QuantLinear modules: quantize it before saving")
+    from ..quantization.config import storage_dtype
+    dtype = storage_dtype(qc.get("store_dtype", "float32"), next(model.parameters()).dtype)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, force=force) as tmp:
-        tensors = _state_dict_for_saving(model)
-        # sorted metadata (byte-identical reruns) and the user's umask (save_file writes 0600)
-        save_safetensors(tensors, tmp / _weights_name(), metadata={"format": "mvquant", "mvquant_format": FORMAT})
-        config = model.config
-        saved_qc = config.quantization_config
-        config.quantization_config = qc
-        try:
-            config.save_pretrained(tmp)
-        finally:
-            config.quantization_config = saved_qc
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # a generation config that does not validate is not worth failing the save
-                pass
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            report.save(tmp / "calibration.json")
-        (tmp / "README.md").write_text(README.format(method=qc.get("method"), bits=qc.get("bits"),
-                                                     protect=qc.get("protect")))
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            if p.is_file():
-                files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        summary = getattr(model, "mvquant_summary", None)
-        atomic_write_json(tmp / MANIFEST, {"format": FORMAT, "weights": _weights_name(), "files": files,
-                                           "tensors": len(tensors), "summary": summary})
+        writer = ShardWriter(tmp, shard_bytes)
+        writer.add(_state_dict_for_saving(model, dtype))
+        n_tensors, weights = writer.close()
+        finish_checkpoint(tmp, model.config, qc, weights=weights, tokenizer=tokenizer, report=report,
+                          generation_config=getattr(model, "generation_config", None),
+                          summary=getattr(model, "mvquant_summary", None), n_tensors=n_tensors)
     return out_dir
+
+
+def finish_checkpoint(tmp: Path, config, qc: dict, *, weights: str, tokenizer=None, report=None,
+                      generation_config=None, summary=None, n_tensors: int = 0) -> None:
+    """Everything but the weight shards (already in `tmp`): config.json with quantization_config,
+    generation config, tokenizer, report, README, and last the manifest of sizes and checksums.
+    `weights`: the single weights file or the shards' index."""
+    qc = {**qc, "weights": weights}
+    saved_qc = getattr(config, "quantization_config", None)
+    config.quantization_config = qc
+    try:
+        config.save_pretrained(tmp)
+    finally:
+        config.quantization_config = saved_qc
+    if generation_config is not None:
+        try:
+            generation_config.save_pretrained(tmp)
+        except Exception:  # a generation config that does not validate is not worth failing the save
+            pass
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(tmp)
+    if report is not None:
+        report.save(tmp / "calibration.json")
+    (tmp / "README.md").write_text(README.format(method=qc.get("method"), bits=qc.get("bits"),
+                                                 protect=qc.get("protect")))
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        if p.is_file():
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    atomic_write_json(tmp / MANIFEST, {"format": FORMAT, "weights": weights, "files": files,
+                                       "tensors": n_tensors, "summary": summary})
 
 
 def verify_checkpoint(path, checksums: bool = True) -> dict:

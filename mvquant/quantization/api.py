@@ -9,7 +9,7 @@ import torch
 from ..errors import MvquantError
 from ..models.adapters import get_layout
 from . import activations as A
-from .config import QuantConfig
+from .config import QuantConfig, storage_dtype
 from .linear import QuantLinear
 from .protect import protected_rows
 
@@ -76,9 +76,13 @@ def quantize(model, config: QuantConfig | dict | None = None, report=None, calib
         quantize_bnb(model, targets, config, rows)
     else:
         _quantize_integer(model, layout, targets, rows, config, calibration, tokenizer, progress)
+    if not config.is_bnb:
+        round_for_storage(model, storage_dtype(config.store_dtype, next(model.parameters()).dtype))
     modules = {name: int(rows[name].numel()) if name in rows else 0 for name in targets}
     qc = config.to_dict()
     qc["modules"] = modules
+    # which QuantLinears divide by an input scale (AWQ folds its scales away, SmoothQuant keeps them)
+    qc["input_scale_modules"] = sorted(n for n, m in quantized_modules(model).items() if m.input_scale is not None)
     qc["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     qc["report_model"] = report.model if report is not None else None
     model.config.quantization_config = qc
@@ -105,6 +109,20 @@ def _quantize_integer(model, layout, targets, rows, config: QuantConfig, calibra
         module = targets[name]
         set_module(model, name, build_quant_linear(linear_weight(module), getattr(module, "bias", None),
                                                    rows.get(name), config))
+
+
+def round_for_storage(model, dtype) -> None:
+    """Round the unquantized floating tensors to the dtype the checkpoint stores them in (in place, dtype
+    kept), so the in-memory model and the loaded checkpoint compute the same logits."""
+    from ..checkpoint import storage_cast
+
+    if dtype is None:
+        return
+    quantized = set(quantized_modules(model))
+    with torch.no_grad():
+        for key, t in model.state_dict(keep_vars=True).items():
+            if t.dtype != dtype and storage_cast(key, t, quantized, dtype) is not t:
+                t.data.copy_(t.data.to(dtype))
 
 
 def quantized_modules(model) -> dict[str, QuantLinear]:

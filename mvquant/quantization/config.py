@@ -11,10 +11,20 @@ METHODS = ("rtn", "awq", "smoothquant", "gptq", "bnb-nf4", "bnb-int8")
 BITS = (2, 3, 4, 8)
 POLICIES = ("massive", "none", "random")          # plus "topk:N"
 COMPUTE = ("auto", "dequant")
+STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Every nn.Linear inside the decoder layers; lm_head and embeddings stay as they are.
 DEFAULT_TARGETS = (r"(^|\.)(layers|h)\.\d+\..*",)
 DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"(^|\.)embed_out$")
 FORMAT = "mvquant.checkpoint/1"
+
+
+def storage_dtype(name: str, model_dtype):
+    """torch dtype for the tensors left unquantized; None keeps them as they are."""
+    import torch
+
+    if name == "auto":
+        return None if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    return getattr(torch, name)
 
 
 @dataclass
@@ -43,6 +53,8 @@ class QuantConfig:
     calib_seq_len: int = 256
     calib_data: str = "python-docs"
     compute: str = "auto"
+    store_dtype: str = "auto"          # tensors left unquantized (embeddings, norms, lm_head): auto = the
+                                       # model's dtype when 16-bit, else float16; float32 keeps fp32
 
     def __post_init__(self):
         self.validate()
@@ -77,6 +89,8 @@ class QuantConfig:
             raise MvquantError(f"bnb-int8 is 8-bit: use --bits 8 (got {self.bits})")
         if self.compute not in COMPUTE:
             raise MvquantError(f"unknown compute '{self.compute}': use one of {', '.join(COMPUTE)}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise MvquantError(f"unknown store dtype '{self.store_dtype}': use one of {', '.join(STORE_DTYPES)}")
         for pat in [*self.targets, *self.ignore]:
             try:
                 re.compile(pat)

@@ -43,7 +43,8 @@ class MvquantHfQuantizer(HfQuantizer):
 
     def update_attn_implementation(self, config):
         # Runs before transformers resolves the weight files: name ours.
-        config.transformers_weights = WEIGHTS_NAME
+        # sharded checkpoints name their index; older ones have the single file
+        config.transformers_weights = getattr(self.quantization_config, "weights", None) or WEIGHTS_NAME
         return config
 
     def update_dtype(self, dtype):
@@ -77,8 +78,10 @@ def build_empty_modules(model, qc: dict) -> None:
     from .api import linear_weight, set_module
     from .linear import QuantLinear
 
-    input_scale = qc.get("method") in ("awq", "smoothquant")
+    scaled = qc.get("input_scale_modules")
+    scaled = set(scaled) if scaled is not None else None  # older checkpoints: by method
     for name, n_protected in (qc.get("modules") or {}).items():
+        input_scale = name in scaled if scaled is not None else qc.get("method") in ("awq", "smoothquant")
         old = model.get_submodule(name)
         if isinstance(old, QuantLinear):
             continue
