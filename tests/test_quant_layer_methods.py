@@ -189,3 +189,19 @@ def test_gptq_layer_true_sequential_sets_and_beats_rtn():
     gptq.quantize_layer(ctx)
     e_gptq, e_rtn = _err(ctx.run(), ref), _err(rtn_ctx.run(), ref)
     assert e_gptq < e_rtn, (e_gptq, e_rtn)
+
+
+# -- SmoothQuant ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt_neox"])
+def test_smoothquant_folds_into_norms_and_stays_close(arch):
+    from mvquant.quantization import smoothquant
+    model = _model(arch)
+    ctx = _ctx(model, QuantConfig(method="smoothquant", bits=8))
+    ref = ctx.run()
+    folded = {n for g, fold in layer_groups(ctx.layer, ctx.layout) if fold for n in g.linears}
+    smoothquant.quantize_layer(ctx)
+    for full, m in ctx.linears.items():
+        assert (m.input_scale is None) == (ctx.local_name(full) in folded), full
+    out = ctx.run()
+    rel = _err(out, ref) / float(sum(r.pow(2).sum() for r in ref))
+    assert rel < 1e-3, rel

@@ -186,11 +186,16 @@ def _gptq_layer(ctx: LayerContext) -> None:
     gptq_layer(ctx)
 
 
+def _smoothquant_layer(ctx: LayerContext) -> None:
+    from .smoothquant import quantize_layer as smoothquant_layer
+    smoothquant_layer(ctx)
+
+
 LAYER_METHODS: dict[str, Callable[[LayerContext], None]] = {
     "rtn": rtn_layer,
     "awq": _awq_layer,
     "gptq": _gptq_layer,
-    "smoothquant": generic_layer,
+    "smoothquant": _smoothquant_layer,
 }
 
 

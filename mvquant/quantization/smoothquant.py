@@ -13,3 +13,37 @@ def smooth_scales(x_abs_max: torch.Tensor, w: torch.Tensor, alpha: float) -> tor
     a_max = x_abs_max.float().clamp(min=1e-5)
     # rounded to fp16, the dtype QuantLinear stores it in
     return (a_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(min=1e-4, max=6e4).half().float()
+
+
+def quantize_layer(ctx) -> None:
+    """SmoothQuant on one decoder layer. Linears that share an input (scaling.py's groups) get one
+    s from the max over the group's weights and are folded into the previous norm / linear, as the
+    paper's smooth_lm does for the LayerNorm -> q/k/v and -> fc1 pairs; a linear with no op to fold
+    into (GQA o_proj, a down projection after GELU) keeps s and divides by it at run time."""
+    from .layer import collect_layer_stats, kept_rows, quantize_module
+    from .scaling import _get, fold_into_prev, layer_groups, scale_linears, weight_view
+    cfg, layer = ctx.config, ctx.layer
+    stats = collect_layer_stats(ctx, {"absmax"})
+    local = {ctx.local_name(n): n for n in ctx.linears}
+    runtime: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for g, fold in layer_groups(layer, ctx.layout):
+        if not all(n in local for n in g.linears):
+            continue
+        ws = []
+        for n in g.linears:
+            w = weight_view(_get(layer, n)).detach().float()
+            ws.append(w[kept_rows(w.shape[0], ctx.rows.get(local[n]), w.device)])
+        s = smooth_scales(stats[local[g.linears[0]]].abs_max.to(ws[0].device), torch.cat(ws), cfg.alpha)
+        if fold:
+            fold_into_prev(layer, g, s)
+            scale_linears(layer, g, s)
+        else:
+            runtime.update({n: s for n in g.linears})
+        done.update(g.linears)
+    for n, full in local.items():
+        if n not in done:  # no group: its own scale, divided at run time (as before issue 11)
+            w = weight_view(_get(layer, n)).detach().float()
+            wk = w[kept_rows(w.shape[0], ctx.rows.get(full), w.device)]
+            runtime[n] = smooth_scales(stats[full].abs_max.to(w.device), wk, cfg.alpha)
+        quantize_module(ctx, full, input_scale=runtime.get(n))
