@@ -51,6 +51,8 @@ def peek_layout(name: str | os.PathLike | None):
 
     from .adapters import get_layout
 
+    if "://" in str(name):  # a server URL (mvquant eval URL): no local config
+        return None
     src = resolve_model_source(name)
     if src["kind"] not in ("builtin", "dir", "mvquant"):
         return None
