@@ -147,7 +147,7 @@ def run_sequential(model, layout, config, rows: dict[str, torch.Tensor], seqs: l
     n = len(layers)
     hidden = kwargs = None
     if seqs is not None:
-        hidden, kwargs = capture_layer_inputs(model, layers, seqs, batch_size=batch_size, device=device)
+        hidden, kwargs = capture_layer_inputs(model, layers, seqs, batch_size=batch_size)
         if device is not None:
             hidden = [h.to(device) for h in hidden]
             kwargs = [_to_device(b, device) for b in kwargs]

@@ -41,13 +41,14 @@ def set_module(model, name: str, module: torch.nn.Module) -> None:
 
 
 def quantize(model, config: QuantConfig | dict | None = None, report=None, calibration=None, tokenizer=None,
-             progress: bool = True, **overrides):
+             progress: bool = True, device=None, **overrides):
     """Quantize `model` in place and return it.
 
     config: QuantConfig (or its dict); keyword overrides such as bits=4 are applied on top.
     report: CalibrationReport (or a path), needed by --protect massive/random/topk.
     calibration: None (the default text source), a source name / file, or token id lists; used by
         awq / smoothquant / gptq. `tokenizer` turns text into tokens.
+    device: where each decoder layer is quantized (e.g. "cuda"); None: where it is.
     The summary (bits per parameter, protected rows, bytes) is `model.mvquant_summary`.
     """
     if config is None:
@@ -75,7 +76,10 @@ def quantize(model, config: QuantConfig | dict | None = None, report=None, calib
         from .bnb import quantize_bnb
         quantize_bnb(model, targets, config, rows)
     else:
-        _quantize_integer(model, layout, targets, rows, config, calibration, tokenizer, progress)
+        if device is not None:
+            from ..pipeline.stream import compute_device
+            device = compute_device(str(device))
+        _quantize_integer(model, layout, targets, rows, config, calibration, tokenizer, progress, device)
     if not config.is_bnb:
         round_for_storage(model, storage_dtype(config.store_dtype, next(model.parameters()).dtype))
     modules = {name: int(rows[name].numel()) if name in rows else 0 for name in targets}
@@ -129,13 +133,16 @@ def quantized_modules(model) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def unique_bytes(tensors) -> int:
-    """Bytes of the tensors, each storage counted once (tied embeddings share one)."""
+def unique_bytes(tensors, dtype=None) -> int:
+    """Bytes of the tensors, each storage counted once (tied embeddings share one); floating tensors
+    counted at `dtype`'s size when given (what a checkpoint stores). Meta tensors count by identity."""
     seen, total = set(), 0
     for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        ident = id(t) if t.device.type == "meta" else t.data_ptr()
+        if ident not in seen:
+            seen.add(ident)
+            size = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
+            total += t.numel() * size
     return total
 
 
@@ -157,8 +164,8 @@ def summarize(model, config: QuantConfig, seconds: float | None = None) -> dict:
         key = "q" if "q_proj" in name else "k" if "k_proj" in name else "other"
         prot[key] += m.n_protected
     other = [p for n, p in model.named_parameters() if not any(n.startswith(q + ".") for q in mods)]
-    other_bytes = unique_bytes(other)
-    other_fp16 = other_bytes // max(1, next(iter(other)).element_size()) * 2 if other else 0
+    other_bytes = unique_bytes(other, storage_dtype(config.store_dtype, other[0].dtype) if other else None)
+    other_fp16 = unique_bytes(other, torch.float16)
     kernels: dict[str, int] = {}
     for m in mods.values():
         kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
@@ -188,7 +195,7 @@ def format_summary(s: dict) -> str:
         f"linear bytes: {s['linear_bytes'] * mb:.1f} MiB vs fp16 {s['linear_bytes_fp16'] * mb:.1f} MiB "
         f"({s['linear_bytes'] / max(1, s['linear_bytes_fp16']):.3f}x)",
         f"model bytes: {s['model_bytes'] * mb:.1f} MiB vs fp16 {s['model_bytes_fp16'] * mb:.1f} MiB "
-        f"(other tensors kept in the model dtype: {s['other_bytes'] * mb:.1f} MiB)",
+        f"(other tensors as stored: {s['other_bytes'] * mb:.1f} MiB)",
     ]
     if s.get("kernels"):
         lines.append("kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["kernels"].items())))

@@ -44,6 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute", default="auto", help="auto (torch integer kernels where they apply) | dequant")
     p.add_argument("--summary-json", default=None, help="also write the summary (bits/weight, bytes, rows) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default=None, help="where each layer is quantized: cpu (default), cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (what the model's config.json names; "
+                   "float32 for the in-memory path), float32, bfloat16, float16")
+    p.add_argument("--store-dtype", default="auto", help="dtype of the unquantized tensors in the checkpoint "
+                   "(embeddings, norms, lm_head): auto (the model's when 16-bit, else float16), float16, "
+                   "bfloat16, float32")
+    p.add_argument("--in-memory", action="store_true", help="load the whole model first instead of streaming "
+                   "its layers from the safetensors shards")
 
 
 def config_from_args(args) -> "QuantConfig":
@@ -59,7 +67,8 @@ def config_from_args(args) -> "QuantConfig":
     return QuantConfig(method=method, bits=bits, group_size=group, symmetric=args.symmetric, protect=args.protect,
                        seed=args.seed, targets=args.targets, ignore=args.ignore, alpha=args.alpha,
                        gptq_act_order=args.act_order, calib_samples=args.calib_samples,
-                       calib_seq_len=args.calib_seq_len, calib_data=args.calib_data, compute=args.compute)
+                       calib_seq_len=args.calib_seq_len, calib_data=args.calib_data, compute=args.compute,
+                       store_dtype=getattr(args, "store_dtype", "auto"))
 
 
 def checkpoint_bytes(model, config) -> int:
@@ -70,9 +79,10 @@ def checkpoint_bytes(model, config) -> int:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     total, seen = 0, set()
     for p in [*model.parameters(), *model.buffers()]:
-        if p.data_ptr() in seen:
+        ident = id(p) if p.device.type == "meta" else p.data_ptr()  # meta tensors all have data_ptr 0
+        if ident in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(ident)
         total += p.numel() * config.bits / 8 * 1.25 if id(p) in linear else p.numel() * p.element_size()
     return int(total) + (1 << 20)  # + config, tokenizer, manifest
 
@@ -117,14 +127,21 @@ def run(args: argparse.Namespace) -> int:
     peeked = peek_layout(args.model)  # from config.json: a report of another model fails before loading
     if report is not None and peeked is not None:
         report.check_matches(peeked)
-    model, tokenizer = load_model(args.model)
+    from ..models.loading import parse_dtype
+    from ..pipeline.stream import compute_device
+    device = compute_device(args.device)  # --device cuda without a GPU fails here, before any work
+    dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
+    if args.output and not args.in_memory and _quantize_streaming(args, config, report, peeked, device, dtype):
+        return 0
+    model, tokenizer = load_model(args.model, dtype=dtype or "float32")
     layout = get_layout(model)
     if report is not None:
         report.check_matches(layout)
         _warn_unprotected(config, report, layout)
     if args.output:  # the weights are known now: is there room for the checkpoint?
         check_output_path(args.output, force=args.force, kind="dir", need_bytes=checkpoint_bytes(model, config))
-    quantize(model, config, report=report, tokenizer=tokenizer, progress=not args.quiet)
+    quantize(model, config, report=report, tokenizer=tokenizer, progress=not args.quiet,
+             device=None if device.type == "cpu" else device)
     summary = model.mvquant_summary
     if args.output:
         save_quantized(model, tokenizer, args.output, report=report, force=args.force)
@@ -134,3 +151,29 @@ def run(args: argparse.Namespace) -> int:
     if args.summary_json:
         atomic_write_json(args.summary_json, summary)
     return 0
+
+
+def _quantize_streaming(args, config, report, peeked, device, dtype) -> bool:
+    """Layer by layer from the model directory's safetensors shards straight into the checkpoint.
+    False (nothing done) when the model is not a local safetensors directory or its names do not map."""
+    from ..pipeline.stream import NotStreamable, load_tokenizer, quantize_to_checkpoint, streamable_dir
+    from .api import format_summary
+
+    model_dir = streamable_dir(args.model)
+    if model_dir is None:
+        return False
+    if report is not None and peeked is not None:
+        _warn_unprotected(config, report, peeked)
+    try:
+        summary = quantize_to_checkpoint(model_dir, config, args.output, report=report,
+                                         tokenizer=load_tokenizer(model_dir), force=args.force, device=device,
+                                         dtype=dtype, progress=not args.quiet, need_bytes=checkpoint_bytes)
+    except NotStreamable as e:
+        print(f"mvquant quantize: note: cannot stream this model's weights ({e}); loading it whole",
+              file=sys.stderr)
+        return False
+    print(format_summary(summary))
+    print(f"checkpoint: {args.output}")
+    if args.summary_json:
+        atomic_write_json(args.summary_json, summary)
+    return True
