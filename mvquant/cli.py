@@ -15,6 +15,7 @@ VERBS = {
     "eval": "mvquant.evaluation.cli",
     "compare": "mvquant.compare.cli",
     "export": "mvquant.export.cli",
+    "serve": "mvquant.serving.cli",
 }
 
 

@@ -11,7 +11,8 @@ HELP = "Evaluate a model (alias, directory, GGUF, hub id, or mvquant checkpoint)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="model to evaluate (default: the built-in smollm2-135m)")
+                   help="model to evaluate (default: the built-in smollm2-135m), or an OpenAI-compatible server URL "
+                        "such as http://127.0.0.1:8000/v1 (mvquant serve)")
     p.add_argument("--tasks", default="contextual,parametric",
                    help="comma-separated: bundled tasks, the groups contextual / parametric, or any lm-eval task "
                         "(default: contextual,parametric)")
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="padded prompt tokens per forward (default 2048)")
     p.add_argument("--include-path", help="extra folder of lm-eval task YAMLs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--served-model", help="with a server URL: the served model name (default: 'protect', the "
+                   "protect-LoRA, when served, else the first)")
+    p.add_argument("--tokenizer", help="with a server URL: tokenizer directory (default: the served model's own)")
 
 
 def _check_disruption_args(args) -> None:
@@ -74,10 +78,17 @@ def run(args) -> int:
                            "--disrupt massive or --disrupt non-massive")
     if args.max_tokens <= 0:
         raise MvquantError("--max-tokens must be positive")
+    from .remote import is_url
+    if is_url(args.model) and args.disrupt is not None:
+        raise MvquantError("--disrupt edits activations inside the model: evaluate a model or checkpoint in this "
+                           "process, not a server URL")
+    if not is_url(args.model) and (args.served_model or args.tokenizer):
+        raise MvquantError("--served-model/--tokenizer are for a server URL (http://127.0.0.1:8000/v1)")
     _check_disruption_args(args)
     result = evaluate(args.model, args.tasks, limit=limit, disrupt=args.disrupt, top_k=args.top_k, lam=args.lam,
                       layers=args.layers, pairs=args.pairs, report=args.calibration, dtype=args.dtype,
-                      max_tokens=args.max_tokens, include_path=args.include_path, progress=not args.no_progress)
+                      max_tokens=args.max_tokens, include_path=args.include_path, progress=not args.no_progress,
+                      served_model=args.served_model, tokenizer=args.tokenizer)
     result["command"] = "mvquant eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
     print(to_markdown(result))
     if result["disruption"]:

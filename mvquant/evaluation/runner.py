@@ -75,7 +75,7 @@ def summarise_groups(task_results: dict[str, dict]) -> dict[str, dict]:
 def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, disrupt=None, top_k=None,
              lam=None, layers=None, pairs: bool = False, report=None, max_tokens: int = 2048,
              progress: bool = True, model=None, tokenizer=None, dtype: str = "float32",
-             include_path=None) -> dict:
+             include_path=None, served_model: str | None = None) -> dict:
     """Evaluate a model on bundled tasks (names, or the groups 'contextual' / 'parametric') and any
     lm-eval task. Returns {'tasks': {name: {acc, stderr, ci95, n, chance, seconds, ...}},
     'groups': {contextual: {acc, stderr}, parametric: {...}}, 'model', 'disruption', 'limit', ...}.
@@ -83,6 +83,8 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
     `model`/`tokenizer`: an already-loaded model (then `model_or_path` only names it).
     `disrupt`: 'massive' | 'non-massive' | None, with `top_k` or `lam`, `layers`, `pairs`, and
     `report` (CalibrationReport or path; without one a quick calibration picks the dims).
+    `model_or_path` may be a server URL (http://127.0.0.1:8000/v1): `served_model` picks the served
+    name (default: the protect-LoRA if served), `tokenizer` a tokenizer path if the server names none.
     """
     limit = check_limit(limit)
     ours, other = T.resolve_tasks(tasks)
@@ -96,12 +98,20 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
     manager = TaskManager(include_path=paths, include_defaults=bool(other or include_path))
     if other:
         T.check_external_tasks(other, manager)
-    if model is None:
-        from ..models import load_model
-        model, tokenizer = load_model(model_or_path, dtype=dtype)
-    name = str(model_or_path or getattr(model.config, "name_or_path", None) or "model")
-    lm = MvquantLM(name, model=model, tokenizer=tokenizer, disrupt=disrupt, top_k=top_k, lam=lam, layers=layers,
-                   report=report, pairs=pairs, max_tokens=max_tokens, progress=progress)
+    from .remote import is_url, remote_lm
+    if is_url(model_or_path):   # an OpenAI-compatible server (mvquant serve): lm-eval's local-completions
+        if disrupt is not None:
+            raise MvquantError("--disrupt edits activations inside the model: evaluate a model or checkpoint "
+                               "in this process, not a server URL")
+        lm = remote_lm(model_or_path, model=served_model, tokenizer=tokenizer if isinstance(tokenizer, str) else None)
+        name = lm.model_name
+    else:
+        if model is None:
+            from ..models import load_model
+            model, tokenizer = load_model(model_or_path, dtype=dtype)
+        name = str(model_or_path or getattr(model.config, "name_or_path", None) or "model")
+        lm = MvquantLM(name, model=model, tokenizer=tokenizer, disrupt=disrupt, top_k=top_k, lam=lam, layers=layers,
+                       report=report, pairs=pairs, max_tokens=max_tokens, progress=progress)
     suite = T.suite()
     results, t_start = {}, time.perf_counter()
     import lm_eval.evaluator as lm_evaluator

@@ -1,0 +1,137 @@
+"""Serving speed and accuracy, one run, ratios: vLLM (CPU) on the unquantized model, the bare W4A16
+base, W4A16 + protect-LoRA, W4A16 with protected q/k/v dense (--protect-as fp16), and mvquant in-process.
+
+    python benchmarks/bench_serve.py CKPT --json evals/results/serve/bench_serve.json [--limit 20]
+
+CKPT: an mvquant W4 checkpoint with protection (mvquant quantize ... --bits 4 --group-size 64). The
+script exports it both ways into a temporary directory, starts one vLLM server per checkpoint
+(scripts/setup-serve.sh's environment; each stopped before the next), and per arm measures
+batch-1 decode tokens/s (one request, 64 new tokens, ignore_eos) and batch-16 throughput (16 prompts
+in one request, 64 new tokens each), plus accuracy on the bundled tasks with --limit items per task.
+Timings on a shared machine: compare the ratios of one run, not the absolute numbers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+NEW = 64
+PROMPTS = [f"Write a short story about a {w} who" for w in
+           ("cat", "dog", "robot", "sailor", "baker", "child", "king", "river", "tree", "bird", "doctor", "pilot",
+            "farmer", "wizard", "student", "painter")]
+
+
+def _post(url: str, payload: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=1200) as r:
+        return json.loads(r.read())
+
+
+def bench_server(url: str, model: str, repeats: int) -> dict:
+    def run(prompts):
+        t = time.perf_counter()
+        out = _post(f"{url}/completions", {"model": model, "prompt": prompts, "max_tokens": NEW, "temperature": 0,
+                                           "ignore_eos": True})
+        dt = time.perf_counter() - t
+        return out["usage"]["completion_tokens"] / dt
+    run(PROMPTS[:1])                                           # warm-up (first request compiles/allocates)
+    b1 = max(run(PROMPTS[:1]) for _ in range(repeats))
+    b16 = max(run(PROMPTS) for _ in range(repeats))
+    return {"batch1_tok_s": round(b1, 2), "batch16_tok_s": round(b16, 2)}
+
+
+def bench_inprocess(ckpt: str, repeats: int) -> dict:
+    import torch
+
+    import mvquant
+    model, tok = mvquant.load(ckpt, return_tokenizer=True)
+    tok.padding_side = "left"
+
+    def run(prompts):
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        dt = time.perf_counter() - t
+        return (out.shape[1] - enc.input_ids.shape[1]) * len(prompts) / dt
+    run(PROMPTS[:1])
+    return {"batch1_tok_s": round(max(run(PROMPTS[:1]) for _ in range(repeats)), 2),
+            "batch16_tok_s": round(max(run(PROMPTS) for _ in range(repeats)), 2)}
+
+
+def accuracy(target, limit, tasks, **kw) -> dict:
+    from mvquant.evaluation import evaluate
+    r = evaluate(target, tasks, limit=limit, progress=False, **kw)
+    return {"tasks": {k: {"acc": v["acc"], "n": v["n"]} for k, v in r["tasks"].items()},
+            "groups": {k: {"acc": v["acc"], "stderr": v["stderr"], "n": v["n"]} for k, v in r["groups"].items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--unquantized", default=str(Path.home() / ".cache/mvquant/smollm2-135m"),
+                    help="the unquantized model directory (default: the cached built-in model)")
+    ap.add_argument("--limit", type=int, default=20, help="items per task for the accuracy columns (0: skip)")
+    ap.add_argument("--tasks", default="contextual,parametric")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--arms", default="unquantized,lora,fp16,inprocess")
+    a = ap.parse_args()
+    from mvquant.export import export_compressed_tensors
+    from mvquant.serving.server import running_server
+
+    arms = a.arms.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    results = {"ckpt": a.ckpt, "new_tokens": NEW, "repeats": a.repeats, "limit": a.limit, "cpus": os.cpu_count(),
+               "note": "shared 2-core machine: compare ratios within this run", "arms": {}}
+    exports = {}
+    for how in ("lora", "fp16"):
+        if how in arms:
+            exports[how] = export_compressed_tensors(a.ckpt, tmp / how, protect_as=how)
+
+    def record(name, bits, speed, acc):
+        results["arms"][name] = {"bits_per_weight": bits, **speed, **({"accuracy": acc} if acc else {})}
+        print(name, json.dumps(results["arms"][name]), flush=True)
+
+    if "unquantized" in arms:
+        with running_server(a.unquantized, a.port, lora=False, log=tmp / "vllm-unquantized.log") as url:
+            record("vllm unquantized (fp16)", 16.0, bench_server(url, "base", a.repeats),
+                   a.limit and accuracy(url, a.limit, a.tasks, tokenizer=a.unquantized))
+    if "lora" in arms:
+        s = exports["lora"]
+        with running_server(tmp / "lora", a.port, lora=True, log=tmp / "vllm-lora.log") as url:
+            record("vllm W4A16 base (no protection)", s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
+                   a.limit and accuracy(url, a.limit, a.tasks, served_model="base"))
+            record("vllm W4A16 + protect-LoRA", s["bits_per_weight"], bench_server(url, "protect", a.repeats),
+                   a.limit and accuracy(url, a.limit, a.tasks, served_model="protect"))
+    if "fp16" in arms:
+        s = exports["fp16"]
+        with running_server(tmp / "fp16", a.port, lora=False, log=tmp / "vllm-fp16.log") as url:
+            record("vllm W4A16, protected q/k/v dense fp16", s["bits_per_weight"], bench_server(url, "base", a.repeats),
+                   a.limit and accuracy(url, a.limit, a.tasks, served_model="base"))
+    if "inprocess" in arms:
+        summary = json.loads((Path(a.ckpt) / "mvquant_manifest.json").read_text()).get("summary") or {}
+        record("mvquant in-process (torch int4 kernel)", summary.get("bits_per_weight"),
+               bench_inprocess(a.ckpt, a.repeats), a.limit and accuracy(a.ckpt, a.limit, a.tasks))
+    arms_r = results["arms"]
+    base = arms_r.get("vllm W4A16 base (no protection)")
+    if base:
+        for name, r in arms_r.items():
+            r["batch1_vs_bare_base"] = round(r["batch1_tok_s"] / base["batch1_tok_s"], 3)
+            r["batch16_vs_bare_base"] = round(r["batch16_tok_s"] / base["batch16_tok_s"], 3)
+    print(json.dumps(results, indent=2))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""mvquant serve / eval URL. Startup refusals run by default; the vLLM round trip is marked `serve`
+and runs only where the serving environment exists:
+
+    bash scripts/setup-serve.sh && python -m pytest -m serve tests/test_serve.py
+
+It exports a protected W4 checkpoint of the built-in model, serves it with the protect-LoRA, and checks
+that the served model's greedy text and task accuracy match transformers + peft / mvquant in process.
+The last result is written to evals/results/serve/test_serve.json."""
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from mvquant.cli import main
+from mvquant.serving.server import DEFAULT_VENV, check_export, port_free, vllm_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_serve_refuses_missing_env_port_in_use_and_non_export(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    assert main(["serve", str(out), "--venv", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no serving environment" in err and "setup-serve.sh" in err
+    fake = tmp_path / "venv" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "python").write_text("#!/bin/sh\nexit 1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert not port_free(port)
+        assert main(["serve", str(out), "--venv", str(tmp_path / "venv"), "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"port {port}" in err and "in use" in err
+    assert main(["serve", str(tmp_path), "--venv", str(tmp_path / "venv"), "--port", str(port)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_serve_engine_failure_is_one_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    fake = tmp_path / "venv" / "bin"
+    fake.mkdir(parents=True)
+    py = fake / "python"
+    py.write_text("#!/bin/sh\necho 'Traceback (most recent call last):'\necho 'ValueError: cannot load this format'\nexit 1\n")
+    py.chmod(0o755)
+    t = time.time()
+    assert main(["serve", str(out), "--venv", str(tmp_path / "venv"), "--port", "8799", "--timeout", "30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "vLLM could not start" in err and "cannot load this format" in err
+    assert time.time() - t < 20
+
+
+def test_vllm_command_enables_the_adapter(tmp_path):
+    out = tmp_path / "out"
+    (out / "protect-lora").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "protect-lora" / "adapter_config.json").write_text(json.dumps({"r": 32}))
+    cmd = vllm_command("py", out, 8123)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "32" and "--enable-lora" in cmd
+    assert f"protect={out / 'protect-lora'}" in cmd and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "--enable-lora" not in vllm_command("py", out, 8123, lora=False)
+    assert check_export(out)["lora_rank"] == 32
+
+
+def test_eval_url_refusals(capsys):
+    assert main(["eval", "http://127.0.0.1:9/v1", "--disrupt", "massive"]) == 2
+    assert "not a server URL" in capsys.readouterr().err
+    assert main(["eval", "http://127.0.0.1:9/v1", "--limit", "1", "--tasks", "capitals", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no OpenAI-compatible server answers" in err
+
+
+@pytest.mark.serve
+@pytest.mark.skipif(not (DEFAULT_VENV / "bin" / "python").exists(), reason="no .venv-serve (bash scripts/setup-serve.sh)")
+def test_vllm_serves_the_export_with_protect_lora(tmp_path):
+    import mvquant
+    from mvquant.evaluation import evaluate
+    from mvquant.export import export_compressed_tensors
+    from mvquant.quantization import QuantConfig, quantize
+    from mvquant.serving import running_server
+
+    model, tok = mvquant.load_model()
+    report = mvquant.calibrate(model, tok, samples=4, seq_len=256, progress=False)
+    quantize(model, QuantConfig(bits=4, group_size=64, protect="massive"), report=report, progress=False)
+    ck = mvquant.save_quantized(model, tok, tmp_path / "ck", report=report)
+    export_compressed_tensors(ck, tmp_path / "out", protect_as="lora")
+    ours = evaluate(str(ck), "passkey_128,capitals", limit=10, progress=False)
+    with running_server(tmp_path / "out", 8017, log=tmp_path / "vllm.log", timeout=900) as url:
+        served = evaluate(url, "passkey_128,capitals", limit=10, progress=False)
+    result = {t: {"served": served["tasks"][t]["acc"], "in_process": ours["tasks"][t]["acc"],
+                  "n": served["tasks"][t]["n"]} for t in ours["tasks"]}
+    dest = REPO / "evals" / "results" / "serve" / "test_serve.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps({"test": "test_vllm_serves_the_export_with_protect_lora", "tasks": result,
+                                "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+    for t, r in result.items():
+        assert abs(r["served"] - r["in_process"]) <= 0.2, (t, r)   # same items; fp16 vs bf16 kernels may flip one
