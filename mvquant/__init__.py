@@ -20,3 +20,8 @@ __all__ += ["quantize", "QuantConfig", "load", "save_quantized"]
 from .compare import compare  # noqa: E402
 
 __all__ += ["compare"]
+
+# KV-cache quantization that keeps the massive K channels (pass as past_key_values= to generate).
+from .kvcache import KVConfig, kv_cache  # noqa: E402
+
+__all__ += ["kv_cache", "KVConfig"]

@@ -1,0 +1,130 @@
+"""`mvquant.kv_cache(model, report, bits=2, protect="massive")`: validate the settings once, pick the
+protected K channels per layer and KV head, and build fresh caches from them."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import MvquantError
+from .cache import MassiveKVCache
+from .quant import SUPPORTED_BITS, packed_bytes
+
+POLICIES = ("massive", "none", "random")
+AXES = ("channel", "token")
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """KV-cache quantization settings (the `--kv-*` options)."""
+    bits: int = 2
+    protect: str = "massive"      # massive | none | random (same count of pairs per head, seeded)
+    group_size: int = 32
+    residual: int = 32            # most recent tokens kept in full precision
+    sink: int = 0                 # first tokens kept in full precision
+    axis: str = "channel"         # keys per channel (KIVI) or per token; values are always per token
+    seed: int = 0
+
+    def check(self) -> "KVConfig":
+        if self.bits not in SUPPORTED_BITS:
+            raise MvquantError(f"--kv-bits {self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.protect not in POLICIES:
+            raise MvquantError(f"--kv-protect '{self.protect}' is unknown: use one of {', '.join(POLICIES)}")
+        if self.axis not in AXES:
+            raise MvquantError(f"--kv-axis '{self.axis}' is unknown: use channel (KIVI keys) or token")
+        for name, value, low in (("group-size", self.group_size, 1), ("residual", self.residual, 0),
+                                 ("sink", self.sink, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise MvquantError(f"--kv-{name} must be an integer >= {low}, got {value!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_layer_types(config) -> None:
+    """Refuse sliding-window / chunked / linear-attention layouts: a window would evict tokens the
+    quantized blocks still hold, which this cache does not model."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True)
+    types, _ = get_layer_types_and_kwargs(text)
+    other = sorted(set(types) - {"full_attention"})
+    if other:
+        raise MvquantError(f"--kv-bits: {text.model_type} has {', '.join(other)} layers; the quantized KV cache supports "
+                           "full-attention layers only: evaluate this model without --kv-bits")
+
+
+def protected_channels(model, report, config: KVConfig) -> list[list[list[int]]]:
+    """Per layer, per KV head: the K head dims kept exact (whole RoPE pairs, via protect.select_dims)."""
+    from ..calibration import load_report
+    from ..models import get_layout
+    from ..quantization.protect import select_dims
+
+    layout = get_layout(model)
+    if config.protect == "none":
+        return [[[] for _ in range(layout.num_kv_heads)] for _ in range(layout.num_layers)]
+    if not layout.has_rope:
+        raise MvquantError(f"--kv-protect {config.protect}: {layout.model_type} has no RoPE, so its keys have no massive "
+                           "RoPE channels to keep: use --kv-protect none")
+    if report is None:
+        raise MvquantError(f"--kv-protect {config.protect} needs a calibration report: pass --calibration REPORT.json "
+                           "(made by mvquant calibrate) or use --kv-protect none")
+    if not hasattr(report, "massive"):
+        report = load_report(report)
+    report.check_matches(layout)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    return [select_dims(config.protect, None, report, layer, "k", layout, gen) for layer in range(layout.num_layers)]
+
+
+def bytes_per_token(config: KVConfig, num_kv_heads: int, head_dim: int, protected: list[list[list[int]]],
+                    dtype_bytes: int = 2) -> dict:
+    """Steady-state cache bytes per token over all layers (codes packed, fp16 scales/minima and fp16
+    exact channels; the residual window and sinks are a constant, not per token) vs fp16."""
+    h, d, g, bits = num_kv_heads, head_dim, config.group_size, config.bits
+    total = 0.0
+    for layer in protected:
+        p = sum(len(x) for x in layer)
+        if config.axis == "channel":   # one scale + minimum per channel per g tokens
+            k = packed_bytes(h * d - p, bits) + 2 * dtype_bytes * (h * d - p) / g
+        else:                          # one scale + minimum per token per group of channels
+            k = packed_bytes(h * d - p, bits) + 2 * dtype_bytes * h * -(-d // min(g, d))
+        v = packed_bytes(h * d, bits) + 2 * dtype_bytes * h * -(-d // min(g, d))
+        total += k + v + dtype_bytes * p
+    fp16 = 2 * dtype_bytes * h * d * len(protected)
+    n_prot = sum(len(x) for layer in protected for x in layer)
+    return {"bytes_per_token": total, "fp16_bytes_per_token": fp16, "ratio": total / fp16,
+            "protected_k_channels": n_prot,
+            "protected_share": n_prot / max(1, h * d * len(protected))}
+
+
+class KVCacheFactory:
+    """Settings checked and protected channels chosen once; `()` gives a fresh cache."""
+
+    def __init__(self, model, report=None, config: KVConfig | None = None):
+        from ..models import get_layout
+
+        self.config = (config or KVConfig()).check()
+        check_layer_types(model.config)
+        layout = get_layout(model)
+        self.num_layers, self.num_kv_heads, self.head_dim = layout.num_layers, layout.num_kv_heads, layout.head_dim
+        self.protected = protected_channels(model, report, self.config)
+
+    def __call__(self) -> MassiveKVCache:
+        c = self.config
+        return MassiveKVCache(self.num_layers, self.protected, bits=c.bits, axis_key=c.axis,
+                              group_size=c.group_size, residual=c.residual, sink=c.sink, settings=c.to_dict())
+
+    def summary(self) -> dict:
+        return {**self.config.to_dict(), "k_quantized": "after RoPE",
+                **bytes_per_token(self.config, self.num_kv_heads, self.head_dim, self.protected)}
+
+
+def kv_cache(model, report=None, bits: int = 2, protect: str = "massive", *, group_size: int = 32,
+             residual: int = 32, sink: int = 0, axis: str = "channel", seed: int = 0) -> MassiveKVCache:
+    """A fresh quantized KV cache for `model`: pass it as `past_key_values=` to generate / forward.
+
+    `report`: a CalibrationReport or its path (needed for protect='massive' / 'random')."""
+    config = KVConfig(bits=bits, protect=protect, group_size=group_size, residual=residual, sink=sink, axis=axis,
+                      seed=seed)
+    return KVCacheFactory(model, report, config)()

@@ -1,0 +1,185 @@
+"""KV-cache quantization: the group quantizer, the cache's exact parts, and the model-level checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mvquant
+from mvquant.errors import MvquantError
+from mvquant.kvcache import (KVCacheFactory, KVConfig, MassiveKVLayer, bytes_per_token, dequantize_groups,
+                             kv_cache, quantize_groups)
+from tests.conftest import ToyTokenizer, make_tiny_model
+
+
+def _report(model):
+    return mvquant.calibrate(model, ToyTokenizer(), samples=4, seq_len=32, top_k=1, progress=False)
+
+
+def _elementwise_scale(codes, scale, dim, g):
+    return dequantize_groups(torch.ones_like(codes), scale, torch.zeros_like(scale), dim=dim, group_size=g)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dim,g", [(2, 8), (2, 5), (3, 16), (3, 7), (3, 64)])
+def test_quantize_dequantize_bounds(bits, dim, g):
+    torch.manual_seed(bits * 100 + g)
+    x = torch.randn(2, 3, 21, 16) * torch.logspace(-2, 1, 16)   # channels of very different ranges
+    codes, scale, lo = quantize_groups(x, bits, dim=dim, group_size=g)
+    assert codes.shape == x.shape and codes.dtype == torch.uint8
+    assert int(codes.max()) <= 2 ** bits - 1
+    xd = dequantize_groups(codes, scale, lo, dim=dim, group_size=g)
+    step = _elementwise_scale(codes, scale, dim, g)
+    err = (xd - x).abs()
+    assert bool((err <= step / 2 + 1e-5).all())
+    # the step is the group range over 2^b - 1: more bits, smaller error
+    assert float(err.max()) <= float((x.amax() - x.amin()) / (2 ** bits - 1))
+
+
+def test_constant_group_is_exact_and_exclusion_keeps_the_range():
+    x = torch.full((1, 1, 8, 4), 3.25)
+    codes, scale, lo = quantize_groups(x, 2, dim=2, group_size=8)
+    assert torch.equal(dequantize_groups(codes, scale, lo, dim=2, group_size=8), x)
+    y = torch.randn(1, 2, 4, 16)
+    big = y.clone()
+    big[..., 5] = 1e4                                  # a "massive" channel
+    mask = torch.zeros(1, 1, 1, 16, dtype=torch.bool)
+    mask[..., 5] = True
+    _, s_ref, _ = quantize_groups(y, 4, dim=3, group_size=16, exclude=mask)
+    _, s_big, _ = quantize_groups(big, 4, dim=3, group_size=16, exclude=mask)
+    _, s_unprot, _ = quantize_groups(big, 4, dim=3, group_size=16)
+    assert torch.equal(s_ref, s_big)                   # the excluded channel sets no range
+    assert float(s_unprot.min()) > 100 * float(s_ref.max())
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_layer_keeps_protected_channels_sinks_and_residual_exact(axis):
+    torch.manual_seed(0)
+    b, h, t, d = 2, 2, 50, 16
+    k, v = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    k[:, :, :, 3] *= 50
+    protected = [[3, 11], [7, 15]]                     # per KV head, whole pairs (i, i + d/2)
+    layer = MassiveKVLayer(bits=2, axis_key=axis, group_size=8, residual=6, sink=2, protected=protected)
+    kr, vr = layer.update(k, v)
+    for head, dims in enumerate(protected):
+        assert torch.equal(kr[:, head, :, dims], k[:, head, :, dims])
+    assert torch.equal(kr[:, :, :2], k[:, :, :2]) and torch.equal(vr[:, :, :2], v[:, :, :2])   # sinks
+    n_res = layer.stored_tokens()["residual"]
+    assert 6 <= n_res < 6 + (8 if axis == "channel" else 1)
+    assert torch.equal(kr[:, :, -n_res:], k[:, :, -n_res:])
+    assert not torch.equal(kr, k) and not torch.equal(vr, v)                                 # the rest is 2-bit
+    # decoding appends: new tokens read exact, the old quantized blocks are not re-quantized
+    k2, v2 = torch.randn(b, h, 9, d), torch.randn(b, h, 9, d)
+    kr2, vr2 = layer.update(k2, v2)
+    assert kr2.shape[-2] == t + 9 and layer.get_seq_length() == t + 9
+    assert torch.equal(kr2[:, :, :layer.blocks[0]["n"]], kr[:, :, :layer.blocks[0]["n"]])
+    assert torch.equal(kr2[:, :, -6:], k2[:, :, -6:])
+    # the scorer's expansion of a prompt to its choices: selection commutes with the read
+    layer.batch_select_indices(torch.tensor([1, 1, 0]))
+    kr3, _ = layer._read()
+    assert torch.equal(kr3, kr2[[1, 1, 0]])
+
+
+def test_padding_sets_no_range():
+    """With the attention mask given, the ids of left padding do not change a single logit."""
+    model = make_tiny_model("llama")
+    factory = KVCacheFactory(model, None, KVConfig(bits=2, protect="none", group_size=8, residual=4, sink=1))
+    ids = torch.randint(2, 100, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    outs = []
+    for pad in (0, 77):
+        x = ids.clone()
+        x[1, :9] = pad
+        cache = factory()
+        cache.set_attention_mask(mask)
+        outs.append(model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=cache).logits)
+    assert torch.allclose(outs[0][1, 9:], outs[1][1, 9:], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "qwen3", "phi3", "gpt_neox"])
+def test_eight_bit_cache_matches_the_unquantized_cache(arch):
+    model = make_tiny_model(arch)
+    ids = torch.randint(2, 100, (2, 48))
+    nxt = torch.randint(2, 100, (2, 5))
+    ref = model(torch.cat([ids, nxt], 1)).logits
+    errs = {}
+    for bits in (8, 2):
+        cache = kv_cache(model, None, bits=bits, protect="none", group_size=16, residual=8)
+        a = model(ids, past_key_values=cache, use_cache=True).logits
+        c = model(nxt, past_key_values=cache, use_cache=True).logits
+        errs[bits] = float((torch.cat([a, c], 1) - ref).abs().max())
+        assert cache.get_seq_length() == 53
+    scale = float(ref.abs().max())
+    assert errs[8] < 0.01 * scale
+    assert errs[2] > 5 * errs[8]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_gqa_massive_and_random_protection(arch):
+    model = make_tiny_model(arch)
+    report = _report(model)
+    layout = mvquant.get_layout(model)
+    massive = KVCacheFactory(model, report, KVConfig(bits=2, protect="massive"))
+    random = KVCacheFactory(model, report, KVConfig(bits=2, protect="random", seed=3))
+    for layer in range(layout.num_layers):
+        assert len(massive.protected[layer]) == layout.num_kv_heads
+        for head, (m, r) in enumerate(zip(massive.protected[layer], random.protected[layer])):
+            assert set(report.massive(layer, "k")[head]) <= set(m)
+            assert len(m) == len(r) and not set(m) & set(r)            # same count, other channels
+    ids = torch.randint(2, 100, (1, 40))
+    cache = massive()
+    model(ids, past_key_values=cache, use_cache=True)
+    k_cached, _ = cache.layers[1]._read()
+    ref = DynamicReference(model, ids)
+    for head, dims in enumerate(massive.protected[1]):
+        assert torch.equal(k_cached[:, head, :, dims], ref[:, head, :, dims])
+    s = massive.summary()
+    assert s["protected_k_channels"] == sum(len(x) for layer in massive.protected for x in layer)
+    none = KVCacheFactory(model, report, KVConfig(bits=2, protect="none")).summary()
+    assert none["ratio"] < s["ratio"] < 0.5 and s["ratio"] == random.summary()["ratio"]
+
+
+def DynamicReference(model, ids):
+    """Layer 1's post-RoPE keys from a plain DynamicCache (what the quantized cache received)."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    model(ids, past_key_values=cache, use_cache=True)
+    return cache.layers[1].keys
+
+
+def test_model_without_rope():
+    model = make_tiny_model("gpt2")
+    ids = torch.randint(2, 100, (1, 40))
+    cache = kv_cache(model, None, bits=8, protect="none", residual=4, group_size=8)
+    out = model(ids, past_key_values=cache, use_cache=True).logits
+    assert cache.layers[0].stored_tokens()["quantized"] == 32
+    assert torch.allclose(out, model(ids).logits, atol=0.01 * float(out.abs().max()))
+    with pytest.raises(MvquantError, match="no RoPE.*--kv-protect none"):
+        kv_cache(model, _report(model), bits=2, protect="massive")
+
+
+def test_bad_input():
+    model = make_tiny_model("llama")
+    with pytest.raises(MvquantError, match="needs a calibration report"):
+        kv_cache(model, None, protect="massive")
+    with pytest.raises(MvquantError, match="--kv-bits 5 is not supported"):
+        kv_cache(model, None, bits=5, protect="none")
+    with pytest.raises(MvquantError, match="--kv-axis"):
+        kv_cache(model, None, protect="none", axis="head")
+    with pytest.raises(MvquantError, match="--kv-group-size"):
+        kv_cache(model, None, protect="none", group_size=0)
+    with pytest.raises(MvquantError, match="does not match this model"):
+        kv_cache(model, _report(make_tiny_model("gemma")), protect="massive")
+    with pytest.raises(MvquantError, match="sliding_attention.*without --kv-bits"):
+        kv_cache(make_tiny_model("gemma3_text"), None, protect="none")
+
+
+def test_bytes_per_token():
+    cfg = KVConfig(bits=4, group_size=32, protect="none")
+    b = bytes_per_token(cfg, num_kv_heads=3, head_dim=64, protected=[[[], [], []]] * 30)
+    # K: 192 codes x 4 bits = 96 B + 192 channels x 4 B / 32 tokens = 24 B; V: 96 B + 3 heads x 2 groups x 4 B
+    assert b["bytes_per_token"] == pytest.approx(30 * (96 + 24 + 96 + 24))
+    assert b["fp16_bytes_per_token"] == 30 * 2 * 2 * 192
+    prot = bytes_per_token(cfg, 3, 64, [[[0, 32], [], []]] * 30)
+    assert prot["bytes_per_token"] > b["bytes_per_token"]
