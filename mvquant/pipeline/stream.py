@@ -100,6 +100,8 @@ def build_meta_model(model_dir, dtype=None):
             named if isinstance(named, torch.dtype) else torch.float32
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # lm_head is the embedding matrix: not in the checkpoint, one tensor here
     return model.eval(), dtype
 
 

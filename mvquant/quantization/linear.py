@@ -54,6 +54,8 @@ class QuantLinear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
         self.kernel = "dequant"
         self._cache: dict[str, torch.Tensor] = {}
+        self._qrows: torch.Tensor | None = None
+        self._stale = True  # runtime state not built from the stored tensors yet (prepare() on first use)
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -130,13 +132,11 @@ class QuantLinear(torch.nn.Module):
     def prepare(self) -> "QuantLinear":
         """Build the runtime index and the kernel's own weight layout from the stored tensors."""
         device = self.qweight.device
+        self._qrows = None
         if device.type == "meta":  # no data: drop the runtime state, rebuilt when real tensors arrive
-            self.kernel, self._cache = "dequant", {}
-            self.quantized_rows = torch.empty(self.qweight.shape[0], dtype=torch.long, device=device)
+            self.kernel, self._cache, self._stale = "dequant", {}, True
             return self
-        keep = torch.ones(self.out_features, dtype=torch.bool, device=device)
-        keep[self.protected_rows.long()] = False
-        self.quantized_rows = keep.nonzero().squeeze(1)
+        self._stale = False
         self.kernel = self._choose_kernel() if device.type == "cpu" else "dequant"
         self._cache = {}
         n_q, K = self.qweight.shape[0], self.in_features
@@ -178,12 +178,25 @@ class QuantLinear(torch.nn.Module):
                 self._cache["offset"] = offset
         return self
 
+    @property
+    def quantized_rows(self) -> torch.Tensor:
+        """Output rows held packed (all but the protected ones), on the module's device."""
+        rows = self._qrows
+        if rows is None or rows.device != self.protected_rows.device:
+            keep = torch.ones(self.out_features, dtype=torch.bool, device=self.protected_rows.device)
+            keep[self.protected_rows.long()] = False
+            rows = keep.nonzero().squeeze(1) if not keep.is_meta else \
+                torch.empty(self.qweight.shape[0], dtype=torch.long, device="meta")
+            self._qrows = rows
+        return rows
+
     def _apply(self, fn, recurse=True):
-        # .to(device) / .cuda() / .to("meta") / device_map moves: the runtime state (kernel choice,
-        # packed cache, row index) is derived from the stored tensors, so rebuild it where they now are.
+        # .to(device) / .cuda() / .to("meta") / to_empty / device_map moves: the runtime state (kernel
+        # choice, packed cache, row index) derives from the stored tensors, which may not hold their
+        # values yet (to_empty, then load_state_dict): drop it here, rebuild it where they are on first use.
         super()._apply(fn, recurse)
         if hasattr(self, "_cache"):
-            self.prepare()
+            self.kernel, self._cache, self._qrows, self._stale = "dequant", {}, None, True
         return self
 
     # -- forward --------------------------------------------------------------------------------
@@ -213,6 +226,8 @@ class QuantLinear(torch.nn.Module):
         return F.linear(x, self.dequantized_rows(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stale:
+            self.prepare()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         xin = x2 / self.input_scale.float().to(x.dtype) if self.input_scale is not None else x2
