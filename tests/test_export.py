@@ -101,7 +101,9 @@ def test_base_plus_lora_is_the_quantlinear_weight(ckpts, arch):
         else:
             assert f"base_model.model.{name}.lora_A.weight" not in adapter
     assert n_lora == len(s["lora_modules"]) > 0
-    assert {"tokenizer.json", "calibration.json", "mvquant_export.json"} <= set(os.listdir(out))
+    assert {"tokenizer.json", "mvquant_export.json"} <= set(os.listdir(out))
+    assert (out / "calibration" / "calibration.json").is_file()
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]   # engines load every one
 
 
 @pytest.mark.parametrize("arch", ARCHS)

