@@ -113,14 +113,37 @@ def input_sets(ctx) -> list[list[str]]:
 
 
 def quantize_layer(ctx) -> None:
-    """GPTQ on one decoder layer, set by set (ctx: mvquant.quantization.layer.LayerContext)."""
+    """GPTQ on one decoder layer, set by set (ctx: mvquant.quantization.layer.LayerContext).
+
+    Between sets the quantized weights are written back into the float linears (dequantized, as the
+    reference implementations do): the next set's Hessian pass runs a plain matmul instead of the
+    int4 kernel, which is slow on long prefills. QuantLinears are built once at the end."""
     from .layer import collect_layer_stats, gptq_with_fallback, kept_rows, linear_weight, quantize_module
-    for names in input_sets(ctx):
-        sub = type(ctx)(**{**ctx.__dict__, "linears": {n: ctx.linears[n] for n in names}})
-        stats = collect_layer_stats(sub, {"hessian"})
-        for name in names:
-            w = linear_weight(ctx.linears[name]).detach().float()
-            wk = w[kept_rows(w.shape[0], ctx.rows.get(name), w.device)]
-            h = stats.pop(name).hessian
-            quantized = gptq_with_fallback(wk, h.to(wk.device), ctx.config, name) if wk.shape[0] else None
-            quantize_module(ctx, name, quantized=quantized)
+    cfg = ctx.config
+    results: dict[str, tuple] = {}
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for names in input_sets(ctx):
+            sub = type(ctx)(**{**ctx.__dict__, "linears": {n: ctx.linears[n] for n in names}})
+            stats = collect_layer_stats(sub, {"hessian"})
+            for name in names:
+                wt = linear_weight(ctx.linears[name])
+                w = wt.detach().float()
+                keep = kept_rows(w.shape[0], ctx.rows.get(name), w.device)
+                h = stats.pop(name).hessian
+                q = gptq_with_fallback(w[keep], h.to(w.device), cfg, name) if keep.any() else None
+                results[name] = q
+                originals[name] = wt.detach().clone()
+                deq = w.clone()
+                if keep.any():
+                    deq[keep] = (core.dequantize_codes(q[0], q[1], q[2], cfg.bits, cfg.group_size)
+                                 if q is not None else core.fake_quantize(w[keep], cfg.bits, cfg.group_size,
+                                                                          cfg.symmetric))
+                with torch.no_grad():
+                    wt.copy_(deq.to(wt.dtype))
+    finally:
+        with torch.no_grad():
+            for name, w0 in originals.items():
+                linear_weight(ctx.linears[name]).copy_(w0)
+    for name, q in results.items():
+        quantize_module(ctx, name, quantized=q)
