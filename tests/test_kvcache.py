@@ -183,3 +183,76 @@ def test_bytes_per_token():
     assert b["fp16_bytes_per_token"] == 30 * 2 * 2 * 192
     prot = bytes_per_token(cfg, 3, 64, [[[0, 32], [], []]] * 30)
     assert prot["bytes_per_token"] > b["bytes_per_token"]
+
+
+# -- evaluation wiring ----------------------------------------------------------------------------------
+def test_scorer_prefills_into_the_quantized_cache_and_continuations_read_it():
+    from mvquant.evaluation.scoring import score_continuations
+    model = make_tiny_model("llama")
+    torch.manual_seed(1)
+    reqs = [(torch.randint(2, 100, (n,)).tolist(), torch.randint(2, 100, (c,)).tolist())
+            for n, c in ((60, 4), (45, 3), (60, 1), (70, 6))]
+    reqs.append((reqs[0][0], torch.randint(2, 100, (5,)).tolist()))     # a second choice of the same context
+    exact = score_continuations(model, reqs, progress=False)
+    diff = {}
+    for bits in (8, 2):
+        factory = KVCacheFactory(model, None, KVConfig(bits=bits, protect="none", group_size=8, residual=4))
+        got = score_continuations(model, reqs, progress=False, cache_factory=factory)
+        diff[bits] = max(abs(a[0] - b[0]) for a, b in zip(got, exact))
+        # batch of one, by hand: prefill the context into a fresh cache, then the continuation on top of it
+        ctx, cont = reqs[3]
+        cache = factory()
+        first = model(torch.tensor([ctx]), past_key_values=cache, use_cache=True).logits[0, -1].log_softmax(-1)
+        rest = model(torch.tensor([cont[:-1]]), past_key_values=cache, use_cache=True).logits[0].log_softmax(-1)
+        lp = float(first[cont[0]]) + float(rest.gather(-1, torch.tensor(cont[1:])[:, None]).sum())
+        alone = score_continuations(model, [reqs[3]], progress=False, cache_factory=factory)[0][0]
+        assert alone == pytest.approx(lp, abs=1e-4)
+    assert diff[8] < 0.01 and diff[2] > 5 * diff[8]
+
+
+def test_evaluate_with_a_quantized_kv_cache():
+    from mvquant.evaluation import evaluate
+    from tests.conftest import make_tiny_tokenizer
+    model = make_tiny_model("llama")
+    r = evaluate("tiny", "capitals", model=model, tokenizer=make_tiny_tokenizer(), limit=3, progress=False,
+                 kv={"bits": 4, "protect": "none", "group_size": 16})
+    assert r["tasks"]["capitals"]["n"] == 3
+    k = r["kv_cache"]
+    assert k["bits"] == 4 and k["protect"] == "none" and k["k_quantized"] == "after RoPE" and 0 < k["ratio"] < 0.5
+    with pytest.raises(MvquantError, match="unknown KV-cache setting"):
+        evaluate("tiny", "capitals", model=model, tokenizer=make_tiny_tokenizer(), limit=1, progress=False,
+                 kv={"bits": 4, "protect": "none", "groups": 16})
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--kv-bits", "5", "--kv-protect", "none"], "--kv-bits 5 is not supported: use one of 2, 3, 4, 8"),
+    (["--kv-bits", "2"], "--kv-protect massive needs a calibration report"),
+    (["--kv-bits", "2", "--kv-group-size", "0", "--kv-protect", "none"], "--kv-group-size must be an integer >= 1"),
+    (["--kv-axis", "token"], "--kv-axis sets up KV-cache quantization: add --kv-bits"),
+    (["--kv-bits", "2", "--calibration", "OTHER"], "does not match this model (model_type llama vs model qwen3"),
+])
+def test_cli_kv_bad_input(argv, match, tmp_path, capsys):
+    from mvquant.cli import main
+    from tests.conftest import save_tiny_model
+    other = tmp_path / "other.json"
+    _report(make_tiny_model("llama")).save(other)
+    model_dir = save_tiny_model("qwen3", tmp_path / "q")
+    argv = [str(other) if a == "OTHER" else a for a in argv]
+    capsys.readouterr()
+    assert main(["eval", str(model_dir), "--tasks", "capitals", "--limit", "1", *argv,
+                 "--output", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_cli_kv_refuses_massive_without_rope_and_sliding_windows(tmp_path, capsys):
+    from mvquant.cli import main
+    from tests.conftest import save_tiny_model
+    gpt2 = save_tiny_model("gpt2", tmp_path / "g")
+    assert main(["eval", str(gpt2), "--tasks", "capitals", "--kv-bits", "2", "--kv-protect", "random"]) == 2
+    assert "has no RoPE" in capsys.readouterr().err
+    gemma3 = save_tiny_model("gemma3_text", tmp_path / "g3")
+    assert main(["eval", str(gemma3), "--tasks", "capitals", "--limit", "1", "--kv-bits", "4",
+                 "--kv-protect", "none", "--no-progress"]) == 2
+    assert "full-attention layers only" in capsys.readouterr().err

@@ -27,6 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", action="store_true", help="also disrupt each selected dim's RoPE partner")
     p.add_argument("--calibration", metavar="REPORT.json",
                    help="pick disrupted dims from this calibration report (default: a quick calibration)")
+    kv = p.add_argument_group("KV-cache quantization (K and V stored at low bit width, massive K channels exact)")
+    kv.add_argument("--kv-bits", type=int, help="quantize the KV cache to 2, 3, 4 or 8 bits (prompt included)")
+    kv.add_argument("--kv-protect", default="massive", choices=["massive", "none", "random"],
+                    help="K channels kept exact: the calibration's massive RoPE pairs per layer and KV head (needs "
+                         "--calibration), none (KIVI), or as many random pairs (seeded) (default massive)")
+    kv.add_argument("--kv-group-size", type=int, default=32, help="tokens (per-channel K) or channels per group "
+                    "(default 32)")
+    kv.add_argument("--kv-residual", type=int, default=32, help="most recent tokens kept exact (default 32)")
+    kv.add_argument("--kv-sink", type=int, default=0, help="first tokens kept exact (attention sinks, default 0)")
+    kv.add_argument("--kv-axis", default="channel", choices=["channel", "token"],
+                    help="quantize K per channel (KIVI, default) or per token; V is always per token")
+    kv.add_argument("--kv-seed", type=int, default=0, help="seed of --kv-protect random (default 0)")
     p.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
     p.add_argument("--max-tokens", type=int, default=2048, help="padded prompt tokens per forward (default 2048)")
     p.add_argument("--include-path", help="extra folder of lm-eval task YAMLs")
@@ -65,6 +77,39 @@ def _check_disruption_args(args) -> None:
         report.check_matches(layout)
 
 
+def _check_kv_args(args) -> dict | None:
+    """--kv-* options checked before the model loads: bits, sizes, the report against the model's
+    config, sliding-window layouts."""
+    from ..errors import MvquantError
+    from ..kvcache import KVConfig
+
+    defaults = {"kv_protect": "massive", "kv_group_size": 32, "kv_residual": 32, "kv_sink": 0, "kv_axis": "channel",
+                "kv_seed": 0}
+    if args.kv_bits is None:
+        changed = [k for k, v in defaults.items() if getattr(args, k) != v]
+        if changed:
+            raise MvquantError(f"--{changed[0].replace('_', '-')} sets up KV-cache quantization: add --kv-bits 2, 3, 4 or 8")
+        return None
+    config = KVConfig(bits=args.kv_bits, protect=args.kv_protect, group_size=args.kv_group_size,
+                      residual=args.kv_residual, sink=args.kv_sink, axis=args.kv_axis, seed=args.kv_seed).check()
+    from .remote import is_url
+    if is_url(args.model):
+        raise MvquantError("--kv-bits quantizes the KV cache inside the model: evaluate a model or checkpoint in this "
+                           "process, not a server URL")
+    from ..models.loading import peek_layout
+    layout = peek_layout(args.model)
+    if layout is not None and not layout.has_rope and config.protect != "none":
+        raise MvquantError(f"--kv-protect {config.protect}: {layout.model_type} has no RoPE, so its keys have no massive "
+                           "RoPE channels to keep: use --kv-protect none")
+    if config.protect != "none" and not args.calibration:
+        raise MvquantError(f"--kv-protect {config.protect} needs a calibration report: pass --calibration REPORT.json "
+                           "(made by mvquant calibrate) or use --kv-protect none")
+    if layout is not None and args.calibration:
+        from ..calibration import load_report
+        load_report(args.calibration).check_matches(layout)
+    return config.to_dict()
+
+
 def run(args) -> int:
     from ..errors import MvquantError
     from .runner import check_limit, evaluate, to_markdown
@@ -72,10 +117,11 @@ def run(args) -> int:
     if args.output:
         check_output_path(args.output, force=args.force)
     limit = check_limit(args.limit)
-    disrupt_opts = (args.top_k, args.lam, args.layers, args.calibration)
+    disrupt_opts = (args.top_k, args.lam, args.layers) + ((args.calibration,) if args.kv_bits is None else ())
     if args.disrupt is None and any(o is not None for o in disrupt_opts) or (args.disrupt is None and args.pairs):
         raise MvquantError("--top-k/--lambda/--layers/--pairs/--calibration select what to disrupt: add "
                            "--disrupt massive or --disrupt non-massive")
+    kv = _check_kv_args(args)
     if args.max_tokens <= 0:
         raise MvquantError("--max-tokens must be positive")
     from .remote import is_url
@@ -88,13 +134,19 @@ def run(args) -> int:
     result = evaluate(args.model, args.tasks, limit=limit, disrupt=args.disrupt, top_k=args.top_k, lam=args.lam,
                       layers=args.layers, pairs=args.pairs, report=args.calibration, dtype=args.dtype,
                       max_tokens=args.max_tokens, include_path=args.include_path, progress=not args.no_progress,
-                      served_model=args.served_model, tokenizer=args.tokenizer)
+                      served_model=args.served_model, tokenizer=args.tokenizer, kv=kv)
     result["command"] = "mvquant eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
     print(to_markdown(result))
     if result["disruption"]:
         d = result["disruption"]
         print(f"\ndisruption: {d['mode']}, {d['selection']}, layers {len(d['layers'])}, "
               f"{d['dims_q']} Q + {d['dims_k']} K dims, from {d['source']}")
+    if result.get("kv_cache"):
+        k = result["kv_cache"]
+        print(f"\nKV cache: {k['bits']}-bit, K per {k['axis']} (after RoPE), group {k['group_size']}, residual "
+              f"{k['residual']}, sink {k['sink']}, protect {k['protect']} ({k['protected_k_channels']} K channels, "
+              f"{100 * k['protected_share']:.1f}%): {k['bytes_per_token']:.0f} B/token vs fp16 "
+              f"{k['fp16_bytes_per_token']:.0f} ({100 * k['ratio']:.1f}%)")
     print(f"\n{len(result['tasks'])} tasks in {result['seconds']:.0f} s")
     if args.output:
         atomic_write_json(args.output, result)

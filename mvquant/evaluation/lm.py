@@ -49,7 +49,8 @@ class MvquantLM(HFLM):
     def __init__(self, pretrained: str | None = "smollm2-135m", *, disrupt: str | None = None,
                  top_k: int | None = None, lam: float | None = None, layers=None, report=None,
                  pairs: bool = False, dtype: str = "float32", max_tokens: int = 2048, progress: bool = True,
-                 model=None, tokenizer=None, **kwargs):
+                 model=None, tokenizer=None, kv_bits=None, kv_protect: str = "massive", kv_group_size=32,
+                 kv_residual=32, kv_sink=0, kv_axis: str = "channel", kv_seed=0, **kwargs):
         if model is None:
             model, tokenizer = load_model(pretrained, dtype=dtype)
         elif tokenizer is None:
@@ -68,6 +69,19 @@ class MvquantLM(HFLM):
                 top_k=None if _none(top_k) is None else int(top_k), lam=None if _none(lam) is None else float(lam),
                 layers=parse_layers(_none(layers)), pairs=str(pairs).lower() in ("1", "true", "yes"),
                 progress=progress).attach()
+        self.kv_cache = None    # a factory of quantized KV caches (mvquant.kvcache), one per batch
+        if _none(kv_bits) is not None:
+            from ..kvcache import KVCacheFactory, KVConfig
+            ints = {}
+            for name, value in (("bits", kv_bits), ("group-size", kv_group_size), ("residual", kv_residual),
+                                ("sink", kv_sink), ("seed", kv_seed)):
+                try:
+                    ints[name] = int(value)
+                except (TypeError, ValueError):
+                    raise MvquantError(f"--kv-{name} must be an integer, got '{value}'") from None
+            config = KVConfig(bits=ints["bits"], protect=str(kv_protect), group_size=ints["group-size"],
+                              residual=ints["residual"], sink=ints["sink"], axis=str(kv_axis), seed=ints["seed"])
+            self.kv_cache = KVCacheFactory(model, _none(report), config)
 
     def close(self) -> None:
         """Remove the disruption hooks (the model may be shared with the caller)."""
@@ -78,17 +92,28 @@ class MvquantLM(HFLM):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         results = score_continuations(
             self.model, [(ctx, cont) for _, ctx, cont in requests], pad_id=pad, disruption=self.disruption,
-            max_length=self.max_length, max_tokens=self.max_tokens, progress=self.progress and not disable_tqdm)
+            max_length=self.max_length, max_tokens=self.max_tokens, progress=self.progress and not disable_tqdm,
+            cache_factory=self.kv_cache)
         for (request_str, _, _), answer in zip(requests, results):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return results
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        """Generation reads the same quantized KV cache as scoring."""
+        if self.kv_cache is not None:
+            cache = self.kv_cache()
+            cache.set_attention_mask(generation_kwargs.get("attention_mask"))
+            generation_kwargs["past_key_values"] = cache
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:
         info = {"model": self.model_name, "model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                 "model_dtype": str(next(self._model.parameters()).dtype)}
         if self.disruption is not None:
             info["disruption"] = self.disruption.summary()
+        if self.kv_cache is not None:
+            info["kv_cache"] = self.kv_cache.summary()
         return info
 
     @property

@@ -75,7 +75,7 @@ def summarise_groups(task_results: dict[str, dict]) -> dict[str, dict]:
 def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, disrupt=None, top_k=None,
              lam=None, layers=None, pairs: bool = False, report=None, max_tokens: int = 2048,
              progress: bool = True, model=None, tokenizer=None, dtype: str = "float32",
-             include_path=None, served_model: str | None = None) -> dict:
+             include_path=None, served_model: str | None = None, kv=None) -> dict:
     """Evaluate a model on bundled tasks (names, or the groups 'contextual' / 'parametric') and any
     lm-eval task. Returns {'tasks': {name: {acc, stderr, ci95, n, chance, seconds, ...}},
     'groups': {contextual: {acc, stderr}, parametric: {...}}, 'model', 'disruption', 'limit', ...}.
@@ -85,6 +85,8 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
     `report` (CalibrationReport or path; without one a quick calibration picks the dims).
     `model_or_path` may be a server URL (http://127.0.0.1:8000/v1): `served_model` picks the served
     name (default: the protect-LoRA if served), `tokenizer` a tokenizer path if the server names none.
+    `kv`: quantize the KV cache (a mvquant.KVConfig or a dict of its fields); protect='massive' or
+    'random' take the K channels from `report`.
     """
     limit = check_limit(limit)
     ours, other = T.resolve_tasks(tasks)
@@ -103,6 +105,9 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
         if disrupt is not None:
             raise MvquantError("--disrupt edits activations inside the model: evaluate a model or checkpoint "
                                "in this process, not a server URL")
+        if kv is not None:
+            raise MvquantError("--kv-bits quantizes the KV cache inside the model: evaluate a model or checkpoint "
+                               "in this process, not a server URL")
         lm = remote_lm(model_or_path, model=served_model, tokenizer=tokenizer if isinstance(tokenizer, str) else None)
         name = lm.model_name
     else:
@@ -110,8 +115,19 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
             from ..models import load_model
             model, tokenizer = load_model(model_or_path, dtype=dtype)
         name = str(model_or_path or getattr(model.config, "name_or_path", None) or "model")
+        kv_args = {}
+        if kv is not None:
+            from ..kvcache import KVConfig
+            kv = kv.to_dict() if hasattr(kv, "to_dict") else dict(kv)
+            unknown = sorted(set(kv) - set(KVConfig.__dataclass_fields__))
+            if unknown:
+                raise MvquantError(f"unknown KV-cache setting(s) {', '.join(unknown)}: use "
+                                   f"{', '.join(KVConfig.__dataclass_fields__)}")
+            kv_args = {f"kv_{k}": v for k, v in kv.items()}
+            if kv_args.get("kv_bits") is None:
+                raise MvquantError("KV-cache settings without bits: give --kv-bits 2, 3, 4 or 8")
         lm = MvquantLM(name, model=model, tokenizer=tokenizer, disrupt=disrupt, top_k=top_k, lam=lam, layers=layers,
-                       report=report, pairs=pairs, max_tokens=max_tokens, progress=progress)
+                       report=report, pairs=pairs, max_tokens=max_tokens, progress=progress, **kv_args)
     suite = T.suite()
     results, t_start = {}, time.perf_counter()
     import lm_eval.evaluator as lm_evaluator
@@ -136,6 +152,7 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
     return {
         "format": FORMAT, "model": name, "tasks": results, "groups": summarise_groups(results),
         "disruption": None if lm.disruption is None else lm.disruption.summary(),
+        "kv_cache": None if getattr(lm, "kv_cache", None) is None else lm.kv_cache.summary(),
         "limit": limit, "seconds": round(time.perf_counter() - t_start, 2), "lm_eval_version": lm_eval.__version__,
     }
 

@@ -56,9 +56,12 @@ def plan_batches(lengths: Sequence[int], n_rows: Sequence[int], cont_lens: Seque
 @torch.inference_mode()
 def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int = 0,
                         disruption=None, max_length: int | None = None, max_tokens: int = 2048,
-                        max_cont_tokens: int = 1024, progress: bool = True,
-                        desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-    """For each (context_ids, continuation_ids): (sum of log p(continuation | context), is_greedy)."""
+                        max_cont_tokens: int = 1024, progress: bool = True, desc: str = "loglikelihood",
+                        cache_factory=None) -> list[tuple[float, bool]]:
+    """For each (context_ids, continuation_ids): (sum of log p(continuation | context), is_greedy).
+
+    `cache_factory`: a callable giving a fresh KV cache (mvquant.kvcache) for each batch; the prompt
+    is prefilled into it and the continuations read it, so both see the quantized K/V."""
     device = model.get_input_embeddings().weight.device
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
     reqs = []
@@ -90,8 +93,12 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         scope = disruption.prompt_mask(mask) if disruption is not None else contextlib.nullcontext()
+        cache_kw = {}
+        if cache_factory is not None:
+            cache_kw["past_key_values"] = cache_factory()
+            cache_kw["past_key_values"].set_attention_mask(mask)   # padding must not set quantization ranges
         with scope:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep_kw)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep_kw, **cache_kw)
         first = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)          # predicts continuation[0]
         # the rows that need the continuation forward: continuations of 2+ tokens
         rows = [(b, r) for b, i in enumerate(batch) for r in contexts[ctx_list[i]]]
@@ -109,6 +116,8 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
                 cids[j, :len(c)] = torch.tensor(c)
                 cmask[j, :len(c)] = 1
             full_mask = torch.cat([mask[index], cmask], dim=1)
+            if cache_factory is not None:
+                cache.set_attention_mask(full_mask)
             cpos = mask[index].sum(-1, keepdim=True) + torch.arange(lc, device=device)[None]
             scope = disruption.paused() if disruption is not None else contextlib.nullcontext()
             with scope:
