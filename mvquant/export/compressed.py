@@ -247,7 +247,7 @@ def _write_lora(path: Path, lora: dict, rank: int, dtype) -> int:
         a, b = selector_and_delta(rows, delta, out_f, rank, dtype)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
-        nbits += len(rows) * (delta.shape[1] * 16 + 32)   # what it carries: |S| delta rows + row indices
+        nbits += (a.numel() + b.numel()) * a.element_size() * 8   # as stored: padded to the rank
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(lora), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM", inference_mode=True)
     config.save_pretrained(str(path))
