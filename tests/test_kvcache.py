@@ -256,3 +256,57 @@ def test_cli_kv_refuses_massive_without_rope_and_sliding_windows(tmp_path, capsy
     assert main(["eval", str(gemma3), "--tasks", "capitals", "--limit", "1", "--kv-bits", "4",
                  "--kv-protect", "none", "--no-progress"]) == 2
     assert "full-attention layers only" in capsys.readouterr().err
+
+
+# -- compare recipes -------------------------------------------------------------------------------------
+def _recipe(arms, **extra):
+    from mvquant.compare import parse_recipe
+    return parse_recipe({"name": "kv", "model": "tiny-llama", "tasks": ["capitals", "passkey_128"], "limit": 2,
+                         "calibration": {"samples": 2, "seq_len": 32, "top_k": 1}, "arms": arms, **extra},
+                        catalog={"contextual": ["passkey_128"], "parametric": ["capitals"]})
+
+
+def test_recipe_kv_arm_keys():
+    r = _recipe([{"name": "fp", "method": "none"},
+                 {"name": "kv2", "method": "none", "kv_bits": 2, "kv_protect": "none", "kv_residual": 16},
+                 {"name": "kv2-massive", "method": "rtn", "bits": 4, "kv_bits": 2}],
+                defaults={"kv_axis": "token"})
+    fp, kv2, both = r.arms
+    assert fp.kv_config() is None and "kv_bits" not in fp.spec()          # old arms keep their cache keys
+    assert not fp.uses_calibration and not kv2.uses_calibration and both.uses_calibration
+    assert kv2.kv_config() == {"bits": 2, "protect": "none", "group_size": 32, "residual": 16, "sink": 0,
+                               "axis": "token", "seed": 0}
+    assert both.kv_protect == "massive" and both.spec()["kv_bits"] == 2
+    for arm, match in (({"name": "a", "kv_bits": 5}, "kv_bits 5 is not supported"),
+                       ({"name": "a", "kv_protect": "none"}, "kv_protect configures a quantized KV cache: add kv_bits"),
+                       ({"name": "a", "kv_bits": 2, "kv_axis": "head"}, "kv_axis 'head' is unknown"),
+                       ({"name": "a", "kv_bits": 2, "kv_group_size": -1}, "kv_group_size must be an integer >= 1, got -1")):
+        with pytest.raises(MvquantError, match=match):
+            _recipe([arm])
+
+
+def test_compare_runs_kv_arms_on_a_quantized_checkpoint(tmp_path):
+    """fp / KV 2-bit (KIVI) / w4 checkpoint + KV 2-bit massive: the task runner hands the arm's KV
+    settings to evaluate, whose scorer reads the quantized cache."""
+    from mvquant.compare import compare
+    from mvquant.compare.runners import EvalTaskRunner, ModelArmRunner
+    from mvquant.evaluation import evaluate
+    from tests.conftest import make_tiny_tokenizer
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = evaluate(*args, **kwargs)
+        seen.append((kwargs.get("kv"), out["kv_cache"]))
+        return out
+
+    r = _recipe([{"name": "fp", "method": "none"},
+                 {"name": "kv2", "method": "none", "kv_bits": 2, "kv_protect": "none"},
+                 {"name": "w4-kv2-massive", "method": "rtn", "bits": 4, "group_size": 16, "kv_bits": 2}])
+    res = compare(r, tmp_path / "out", arm_runner=ModelArmRunner(load_model=lambda n, d: (make_tiny_model("llama"),
+                                                                                           make_tiny_tokenizer())),
+                  task_runner=EvalTaskRunner(evaluate=spy), progress=False, log=lambda *_: None)
+    assert res.computed == 6
+    kvs = [k for k, _ in seen]
+    assert kvs.count(None) == 2 and sum(k is not None and k["protect"] == "none" for k in kvs) == 2
+    massive = [s for k, s in seen if k is not None and k["protect"] == "massive"]
+    assert len(massive) == 2 and all(s["protected_k_channels"] > 0 for s in massive)

@@ -15,6 +15,7 @@ arms:
   - {name: rtn-w4, method: rtn, bits: 4, protect: none}
   - {name: mvquant-w4, method: rtn, bits: 4, protect: massive}
   - {name: massive-disrupted, method: none, disrupt: massive, top_k: 1}
+  - {name: kv2-massive, method: none, kv_bits: 2, kv_protect: massive}   # quantized KV cache
 ```
 
 Everything is validated before any work starts; every error names the key and what is allowed.
@@ -50,7 +51,8 @@ PROTECT_ALLOWED = "massive | none | random | topk:N"
 
 RECIPE_KEYS = ("name", "description", "model", "dtype", "seed", "calibration", "tasks", "limit",
                "defaults", "quick", "arms", "contrasts")
-ARM_KEYS = ("name", "method", "bits", "group_size", "protect", "disrupt", "top_k", "seed", "options")
+KV_KEYS = ("kv_bits", "kv_protect", "kv_group_size", "kv_residual", "kv_sink", "kv_axis")
+ARM_KEYS = ("name", "method", "bits", "group_size", "protect", "disrupt", "top_k", "seed", "options") + KV_KEYS
 DEFAULT_GROUP_SIZE = 128   # QuantConfig's default, written out so that it is part of the arm's cache key
 CALIBRATION_KEYS = ("samples", "seq_len", "lambda", "top_k", "data", "batch_size")
 QUICK_KEYS = ("limit", "calibration", "arms", "tasks")
@@ -70,6 +72,13 @@ class Arm:
     top_k: int | None = None          # dims per head for disruption (None: the evaluator's default, top-1)
     seed: int = 0
     options: dict = field(default_factory=dict)   # further QuantConfig fields (symmetric, alpha, ...)
+    # KV-cache quantization at run time (mvquant.kvcache); kv_bits None: the usual full-precision cache
+    kv_bits: int | None = None
+    kv_protect: str = "massive"
+    kv_group_size: int = 32
+    kv_residual: int = 32
+    kv_sink: int = 0
+    kv_axis: str = "channel"
 
     @property
     def quantized(self) -> bool:
@@ -79,12 +88,23 @@ class Arm:
     def uses_calibration(self) -> bool:
         """Whether the arm's result depends on the calibration report / calibration data."""
         return (self.protect != "none" or self.disrupt != "none"
-                or self.method in ("awq", "gptq", "smoothquant"))
+                or self.method in ("awq", "gptq", "smoothquant")
+                or (self.kv_bits is not None and self.kv_protect != "none"))
+
+    def kv_config(self) -> dict | None:
+        """The arm's KV-cache settings for mvquant.evaluate(kv=...), or None."""
+        if self.kv_bits is None:
+            return None
+        return {"bits": self.kv_bits, "protect": self.kv_protect, "group_size": self.kv_group_size,
+                "residual": self.kv_residual, "sink": self.kv_sink, "axis": self.kv_axis, "seed": self.seed}
 
     def spec(self) -> dict:
         """What determines the arm's results (the name does not: renaming reuses the cache)."""
         d = asdict(self)
         d.pop("name")
+        if self.kv_bits is None:   # arms without a quantized KV cache keep the keys they always had
+            for k in KV_KEYS:
+                d.pop(k)
         return d
 
 
@@ -107,7 +127,7 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.name, "model": self.model, "dtype": self.dtype, "seed": self.seed,
                 "calibration": self.calibration, "tasks": self.tasks, "task_groups": self.task_groups,
-                "limits": self.limits, "arms": [asdict(a) for a in self.arms], "quick": self.quick}
+                "limits": self.limits, "arms": [{"name": a.name, **a.spec()} for a in self.arms], "quick": self.quick}
 
     def fingerprint(self) -> str:
         """Identifies the experiment an output dir holds (description and file path excluded)."""
@@ -217,8 +237,29 @@ def _validate_arm(raw, defaults: dict, index: int, recipe_seed: int, where: str)
         raise MvquantError(f"{at}: 'options' must be a mapping of quantizer settings (e.g. symmetric: true)")
     if options and method == "none":
         raise MvquantError(f"{at}: 'options' configure a quantizer; method 'none' has none: remove them")
+    kv = _validate_kv(raw, a, at)
     return Arm(name=name, method=method, bits=bits, group_size=group_size, protect=protect, disrupt=disrupt,
-               top_k=top_k, seed=seed, options=dict(options))
+               top_k=top_k, seed=seed, options=dict(options), **kv)
+
+
+def _validate_kv(raw: dict, merged: dict, at: str) -> dict:
+    """kv_* keys: checked as `mvquant eval --kv-*` checks them; without kv_bits an arm's own kv_* key
+    is an error (a recipe-wide default simply does not apply)."""
+    from ..kvcache import KVConfig
+
+    if merged.get("kv_bits") is None:
+        own = [k for k in KV_KEYS[1:] if k in raw]
+        if own:
+            raise MvquantError(f"{at}: {own[0]} configures a quantized KV cache: add kv_bits (2, 3, 4 or 8)")
+        return {}
+    field_names = {"kv_bits": "bits", "kv_protect": "protect", "kv_group_size": "group_size",
+                   "kv_residual": "residual", "kv_sink": "sink", "kv_axis": "axis"}
+    given = {f: merged[k] for k, f in field_names.items() if k in merged}
+    try:
+        config = KVConfig(**given).check()
+    except MvquantError as e:
+        raise MvquantError(f"{at}: {str(e).replace('--kv-group-size', 'kv_group_size').replace('--kv-', 'kv_')}") from None
+    return {k: getattr(config, f) for k, f in field_names.items()}
 
 
 def _expand_tasks(raw, catalog: dict[str, list[str]], where: str) -> tuple[list[str], dict[str, str]]:

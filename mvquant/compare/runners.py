@@ -155,7 +155,8 @@ def _manifest_summary(checkpoint: Path) -> dict | None:
 
 
 class EvalTaskRunner:
-    """One task of `mvquant.evaluate` on the arm's in-memory model, with the arm's disruption."""
+    """One task of `mvquant.evaluate` on the arm's in-memory model, with the arm's disruption and
+    KV-cache quantization."""
     cache_id = "mvquant"
 
     def __init__(self, evaluate=None):
@@ -168,8 +169,10 @@ class EvalTaskRunner:
             evaluate = self._evaluate
         arm = prepared.arm
         disrupt = None if arm is None or arm.disrupt == "none" else arm.disrupt
+        kv = {"kv": arm.kv_config()} if arm is not None and arm.kv_bits is not None else {}
         result = evaluate(None, [task], limit=limit, disrupt=disrupt, top_k=arm.top_k if arm else None,
-                          report=prepared.report, model=prepared.model, tokenizer=prepared.tokenizer, progress=False)
+                          report=prepared.report, model=prepared.model, tokenizer=prepared.tokenizer, progress=False,
+                          **kv)
         try:
             return result["tasks"][task]
         except (KeyError, TypeError):
