@@ -42,6 +42,12 @@ def pick_model(models: list[dict], name: str | None = None) -> tuple[str, str | 
 def remote_lm(url: str, *, model: str | None = None, tokenizer: str | None = None, max_length: int = 2048,
               concurrent: int = 4):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
+    try:
+        import aiohttp  # noqa: F401
+        import tenacity  # noqa: F401
+    except ImportError:
+        raise MvquantError("evaluating a server needs lm-eval's API extras: pip install -c scripts/constraints.txt "
+                           "'lm-eval[api]' (or bash scripts/setup.sh)") from None
 
     name, root = pick_model(served_models(url), model)
     tok = tokenizer or root
