@@ -111,3 +111,16 @@ def test_vllm_serves_the_export_with_protect_lora(tmp_path):
                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
     for t, r in result.items():
         assert abs(r["served"] - r["in_process"]) <= 0.2, (t, r)   # same items; fp16 vs bf16 kernels may flip one
+
+
+def test_pick_model_prefers_the_protect_lora_and_finds_the_tokenizer():
+    from mvquant.errors import MvquantError
+    from mvquant.evaluation.remote import pick_model
+
+    models = [{"id": "base", "root": "/x/served", "parent": None}, {"id": "protect", "root": "/x/served/protect-lora",
+                                                                     "parent": "base"}]
+    assert pick_model(models) == ("protect", "/x/served")          # the adapter's tokenizer is its base's
+    assert pick_model(models, "base") == ("base", "/x/served")
+    assert pick_model(models[:1]) == ("base", "/x/served")
+    with pytest.raises(MvquantError, match="no model 'other'"):
+        pick_model(models, "other")

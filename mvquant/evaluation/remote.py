@@ -49,7 +49,9 @@ def remote_lm(url: str, *, model: str | None = None, tokenizer: str | None = Non
         raise MvquantError("evaluating a server needs lm-eval's API extras: pip install -c scripts/constraints.txt "
                            "'lm-eval[api]' (or bash scripts/setup.sh)") from None
 
-    name, root = pick_model(served_models(url), model)
+    models = served_models(url)
+    name, root = pick_model(models, model)
+    has_lora = any(m.get("parent") for m in models)
     tok = tokenizer or root
     if not tok:
         raise MvquantError("the server does not say where its tokenizer is: pass --tokenizer DIR (the exported directory)")
@@ -57,6 +59,8 @@ def remote_lm(url: str, *, model: str | None = None, tokenizer: str | None = Non
     class RemoteLM(LocalCompletionsAPI):
         disruption = None
         model_name = f"{url} ({name})"
+
+    RemoteLM.server_has_lora = has_lora
 
         def close(self) -> None:
             pass

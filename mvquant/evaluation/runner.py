@@ -109,6 +109,11 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
             raise MvquantError("--kv-bits quantizes the KV cache inside the model: evaluate a model or checkpoint "
                                "in this process, not a server URL")
         lm = remote_lm(model_or_path, model=served_model, tokenizer=tokenizer if isinstance(tokenizer, str) else None)
+        if lm.server_has_lora:
+            raise MvquantError("vLLM (0.32, CPU) crashes computing prompt log-probabilities on a LoRA-enabled server "
+                               "(vllm-project/vllm#29955, #16668), and every bundled task is scored from them: serve "
+                               "with --no-lora to evaluate the bare base, or evaluate the export in process with "
+                               "transformers + peft (benchmarks/bench_serve.py measures the served LoRA by greedy passkey)")
         name = lm.model_name
     else:
         if model is None:
