@@ -59,8 +59,7 @@ def remote_lm(url: str, *, model: str | None = None, tokenizer: str | None = Non
     class RemoteLM(LocalCompletionsAPI):
         disruption = None
         model_name = f"{url} ({name})"
-
-    RemoteLM.server_has_lora = has_lora
+        server_has_lora = has_lora
 
         def close(self) -> None:
             pass
