@@ -95,7 +95,7 @@ def passkey_served(url: str, model: str, limit: int) -> dict:
     """Greedy passkey retrieval through /completions (generation only: vLLM 0.32 CPU crashes computing
     prompt log-probabilities with LoRA enabled, so lm-eval's log-likelihood scoring cannot run there)."""
     items = passkey_items(limit)
-    out = _post(f"{url}/completions", {"model": model, "prompt": [c for _, c, _ in items], "max_tokens": 12,
+    out = _post(f"{url}/completions", {"model": model, "prompt": [c for _, c, _ in items], "max_tokens": 32,
                                        "temperature": 0})
     texts = [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
     return _passkey_score(items, texts)
@@ -110,7 +110,7 @@ def passkey_inprocess(ckpt: str, limit: int) -> dict:
     with torch.no_grad():
         for _, ctx, _ in items:
             ids = tok(ctx, return_tensors="pt").input_ids
-            g = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+            g = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
             texts.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True))
     return _passkey_score(items, texts)
 
