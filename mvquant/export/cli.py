@@ -16,8 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="compressed-tensors", help="compressed-tensors (the only one)")
     p.add_argument("--output", "-o", required=True, help="directory to write (its parent must exist)")
     p.add_argument("--protect-as", default="fp16", choices=PROTECT_AS,
-                   help="fp16: layers with protected rows keep q/k/v dense (exact, fastest in vLLM; default); "
-                        "lora: every linear packed, protected rows restored by OUT/protect-lora/ (smallest)")
+                   help="fp16 (default): layers with protected rows keep q/k/v dense, exact, no adapter (vLLM keeps "
+                        "compilation on and can score log-likelihoods); lora: every linear packed, protected rows "
+                        "restored exactly by OUT/protect-lora/ (smallest; vLLM disables compilation with LoRA)")
     p.add_argument("--dtype", default="float16", choices=list(DTYPES),
                    help="dtype of the unquantized tensors (default float16: the fp16 scales stay exact)")
     p.add_argument("--force", action="store_true", help="replace an existing --output directory")
