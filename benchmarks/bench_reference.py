@@ -83,13 +83,22 @@ def worker(spec_path: str) -> int:
     return 0
 
 
+def _progress(name, r, save, rows) -> None:
+    m, se = summary(r["nll"])
+    print(f"[{name}] ppl {math.exp(m):.3f} (nll {m:.4f} ± {se:.4f}), {r['seconds']:.0f} s", file=sys.stderr, flush=True)
+    if save:
+        Path(save).write_text(json.dumps(rows))
+
+
 # -- driver: mvquant's environment --------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--venv", default=".venv-llmcompressor", help="llm-compressor's virtual environment")
     p.add_argument("--methods", default="gptq,awq")
-    p.add_argument("--ours", default="rtn,gptq,gptq-actorder,awq",
-                   help="mvquant arms (gptq-actorder: static groups, llm-compressor's default ordering)")
+    p.add_argument("--ours", default="gptq,awq", help="mvquant arms run before the reference")
+    p.add_argument("--ours-after", default="rtn,gptq-actorder",
+                   help="mvquant arms run after it (gptq-actorder: static groups, llm-compressor's default ordering)")
+    p.add_argument("--save", help="write every arm's per-token NLLs to this JSON as it finishes")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=32)
@@ -97,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-reference", action="store_true", help="only mvquant's arms")
+    p.add_argument("--skip-fp32", action="store_true", help="no unquantized arm")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -110,14 +120,19 @@ def main(argv=None) -> int:
     from mvquant.quantization import QuantConfig, quantize
 
     torch.set_num_threads(args.threads)
-    model, tok = mvquant.load_model()
+    tok = mvquant.load_model()[1] if args.skip_fp32 else None
+    if tok is None:
+        model, tok = mvquant.load_model()
     calib = D.token_windows(D.load_texts("python-docs"), tok, samples=args.calib_samples,
                             seq_len=args.calib_seq_len, seed=0)
     windows = D.token_windows(D.load_texts("python-docs"), tok, samples=args.eval_windows, seq_len=256, seed=12345)
-    rows: dict[str, dict] = {"fp32": {"nll": token_nll(model, windows), "seconds": 0.0}}
-    del model
+    rows: dict[str, dict] = {}
+    if not args.skip_fp32:
+        rows["fp32"] = {"nll": token_nll(model, windows), "seconds": 0.0}
+        _progress("fp32", rows["fp32"], args.save, rows)
+        del model
 
-    for arm in [a for a in args.ours.split(",") if a]:
+    def run_ours(arm):
         method = arm.split("-")[0]
         model, tok = mvquant.load_model()
         cfg = QuantConfig(method=method, bits=args.bits, group_size=args.group_size, protect="none",
@@ -126,7 +141,11 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         quantize(model, cfg, calibration=calib, tokenizer=tok, progress=False)
         rows[arm] = {"nll": token_nll(model, windows), "seconds": time.perf_counter() - t}
+        _progress(arm, rows[arm], args.save, rows)
         del model
+
+    for arm in [a for a in args.ours.split(",") if a]:
+        run_ours(arm)
     ref: dict[str, dict] = {}
     if not args.skip_reference:
         py = Path(args.venv).absolute() / "bin" / "python"
@@ -148,8 +167,13 @@ def main(argv=None) -> int:
 
     for m, r in ref.items():
         rows[f"llm-compressor {m}"] = r
+        _progress(f"llm-compressor {m}", r, args.save, rows)
+    for arm in [a for a in args.ours_after.split(",") if a]:
+        run_ours(arm)
 
-    n = len(rows["fp32"]["nll"])
+    if not rows:
+        return 1
+    n = len(next(iter(rows.values()))["nll"])
     print(f"\nbuilt-in model (SmolLM2-135M), w{args.bits} asymmetric group {args.group_size}, protect none; "
           f"calibration {args.calib_samples} x {args.calib_seq_len} python-docs tokens (same ids for both); "
           f"perplexity on {args.eval_windows} x 256 held-out windows ({n} predicted tokens); {args.threads} threads")
