@@ -77,13 +77,13 @@ def write_random_model(path: Path, shape: dict, dtype=torch.bfloat16, seed: int 
     return total
 
 
-def run_quantize(model_dir: Path, out: Path, args: list[str]) -> dict:
+def run_quantize(model_dir: Path, out: Path, args: list[str], env: dict | None = None) -> dict:
     """`python -m mvquant quantize` in a child process: peak RSS (MiB) and wall seconds from /usr/bin/time."""
     tfile = out.parent / f".{out.name}.time"
     summary = out.parent / f".{out.name}.summary.json"
     cmd = ["/usr/bin/time", "-f", "%M %e", "-o", str(tfile), sys.executable, "-m", "mvquant", "quantize",
            str(model_dir), "--output", str(out), "--summary-json", str(summary), "--quiet", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise SystemExit(f"quantize failed ({r.returncode}): {r.stderr[-2000:]}")
     rss_kb, wall = tfile.read_text().split()[-2:]
@@ -97,7 +97,7 @@ def run_quantize(model_dir: Path, out: Path, args: list[str]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--layers", type=int, nargs="*", default=[8, 16, 32], help="depths of the sweep (none: skip it)")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--heads", type=int, default=16)
@@ -109,6 +109,8 @@ def main() -> int:
     p.add_argument("--real", default="llama-3.2-1b", help=f"one of {', '.join(REAL_SHAPES)} or none")
     p.add_argument("--real-method", default="rtn")
     p.add_argument("--real-calib-samples", type=int, default=4)
+    p.add_argument("--no-malloc-trim", action="store_true", help="depth sweep without returning freed memory "
+                   "to the OS after each layer (MVQUANT_MALLOC_TRIM=0), for comparison")
     p.add_argument("--no-builtin", action="store_true", help="skip the built-in model's checkpoint size")
     p.add_argument("--workdir", default=None, help="where the random models go (default: a new dir in /tmp)")
     p.add_argument("--output", default=None, help="write the results as JSON")
@@ -116,6 +118,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mvquant-bench-pipeline-", dir=a.workdir))
     results: dict = {"host": {"cpus": os.cpu_count(), "note": "shared machine: compare ratios within one run"},
+                     "args": vars(a),
                      "depth": [], "real": None, "builtin": None}
     qargs = ["--method", a.method, "--bits", "4", "--group-size", "128",
              "--calib-samples", str(a.calib_samples), "--calib-seq-len", str(a.calib_seq_len)]
@@ -128,7 +131,8 @@ def main() -> int:
             t = time.perf_counter()
             nbytes = write_random_model(d, shape)
             built = time.perf_counter() - t
-            r = run_quantize(d, work / f"depth{n}-q", qargs)
+            r = run_quantize(d, work / f"depth{n}-q", qargs,
+                             env={"MVQUANT_MALLOC_TRIM": "0"} if a.no_malloc_trim else None)
             r.update(layers=n, model_file_bytes=nbytes, build_s=round(built, 1))
             results["depth"].append(r)
             print(f"{n:3d} layers  model {nbytes / 2**20:8.1f} MiB  peak RSS {r['peak_rss_mib']:8.1f} MiB  "
