@@ -11,6 +11,7 @@ shard reading and writing for `mvquant.pipeline.stream`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import inspect
 import os
@@ -168,7 +169,8 @@ def run_sequential(model, layout, config, rows: dict[str, torch.Tensor], seqs: l
         quantize_layer(ctx)
         done.extend(ctx.linears)
         if hidden is not None and i < n - 1:
-            hidden = ctx.run()  # the next layer sees what the quantized layer produces
+            with float_kernels(ctx.linears.values()):
+                hidden = ctx.run()  # the next layer sees what the quantized layer produces
         del ctx, inputs
         if offload is not None:
             offload(i, layer, prefix)
@@ -178,6 +180,23 @@ def run_sequential(model, layout, config, rows: dict[str, torch.Tensor], seqs: l
             kwargs[b][i] = None  # this layer's masks / RoPE tables are no longer needed
         release_freed_memory()
     return done
+
+
+@contextlib.contextmanager
+def float_kernels(modules):
+    """Run QuantLinears on the exact dequantize-and-matmul path while recomputing calibration outputs:
+    the CPU int4 kernel (bf16 activations) is built for decoding and is slow on long prefills, and the
+    float path gives the next layer the quantized weights' exact outputs. The kernel is restored after."""
+    saved = [(m, m.kernel) for m in modules if hasattr(m, "kernel") and m.kernel not in ("none", "int_mm")]
+    for m, _ in saved:
+        if m._stale:
+            m.prepare()
+        m.kernel = "dequant"
+    try:
+        yield
+    finally:
+        for m, kernel in saved:
+            m.kernel = kernel
 
 
 def release_freed_memory() -> None:
