@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--calib-data", default="python-docs", help="calibration text source (same as mvquant calibrate --data)")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant migration strength (default 0.5)")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="gptq: quantize columns by decreasing Hessian diagonal with static groups (default on; "
+                        "--no-act-order: left to right)")
     p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="regex of module names to quantize")
     p.add_argument("--ignore", nargs="+", default=list(DEFAULT_IGNORE), help="regex of module names to skip")
     p.add_argument("--compute", default="auto", help="auto (torch integer kernels where they apply) | dequant")
