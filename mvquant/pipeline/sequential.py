@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import data as D
 from ..errors import MvquantError
-from ..quantization.layer import LayerContext, quantize_layer
+from ..quantization.layer import LayerContext, is_linear, quantize_layer
 
 
 class _Stop(Exception):
@@ -117,18 +117,12 @@ def is_router(name: str, module, model_config) -> bool:
     return bool(experts) and last in ("gate", "router") and out == experts
 
 
-def _is_linear(module) -> bool:
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # GPT-2: weight stored [in, out]
-
-
 def layer_linears(layer, prefix: str, config, model_config) -> dict[str, torch.nn.Module]:
     """Target linears of one decoder layer: full model name -> module."""
     out = {}
     for name, m in layer.named_modules():
         full = f"{prefix}.{name}" if name else prefix
-        if _is_linear(m) and config.is_target(full) and not is_router(full, m, model_config):
+        if is_linear(m) and config.is_target(full) and not is_router(full, m, model_config):
             out[full] = m
     return out
 

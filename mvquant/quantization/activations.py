@@ -1,15 +1,12 @@
-"""Calibration activations for AWQ / SmoothQuant / GPTQ: one pass of the unquantized model over
-token windows from the same source `mvquant calibrate` reads, with forward pre-hooks on every
-target linear. Only statistics are kept (memory independent of the number of tokens), plus a
-bounded random sample of input rows for AWQ's search.
-
-GPTQ here uses Hessians from the unquantized model's activations (all layers in one pass), not
-the sequential variant that feeds each layer the already-quantized previous layers' outputs.
+"""Calibration activations for AWQ / SmoothQuant / GPTQ: the token windows (from the same source
+`mvquant calibrate` reads) and the streaming statistics of one linear's input. The sequential pipeline
+hooks one decoder layer's linears at a time (quantization/layer.py collect_layer_stats), so only
+statistics are kept (memory independent of the number of tokens), plus a bounded random sample of
+input rows for AWQ's search.
 """
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..calibration import data as D
 from ..errors import MvquantError
@@ -78,40 +75,3 @@ def calibration_sequences(model, tokenizer, calibration, *, samples: int, seq_le
     if limit and seq_len > limit:
         seq_len = int(limit)
     return D.token_windows(D.load_texts(calibration or source), tokenizer, samples=samples, seq_len=seq_len, seed=seed)
-
-
-def collect_input_stats(model, modules: dict[str, torch.nn.Module], seqs: list[list[int]], needs: set[str], *,
-                        batch_size: int = 4, sample_rows: int = 512, seed: int = 0,
-                        progress: bool = True) -> dict[str, InputStats]:
-    gen = torch.Generator().manual_seed(seed)
-    stats = {name: InputStats(needs, sample_rows) for name in modules}
-    # q/k/v (and gate/up) are called one after the other on the same tensor: compute its statistics
-    # once. Only the last input is remembered (by identity, holding a reference so that its memory
-    # cannot be reused by another tensor meanwhile).
-    last: list = [None, None]
-
-    def make_hook(name):
-        def hook(_m, args):
-            x = args[0]
-            if last[0] is not x:
-                last[:] = [x, InputStats.increment(x, needs, sample_rows, gen)]
-            stats[name].add(last[1])
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
-    device = model.get_input_embeddings().weight.device
-    n_batches = -(-len(seqs) // batch_size)
-    try:
-        with torch.inference_mode():
-            for ids, mask in tqdm(D.batches(seqs, batch_size, 0), total=n_batches, desc="activations",
-                                  unit="batch", disable=not progress):
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    finally:
-        last[:] = [None, None]
-        for h in handles:
-            h.remove()
-    missing = [n for n, s in stats.items() if s.count == 0]
-    if missing:
-        raise MvquantError(f"no calibration activations reached {missing[:3]}: these modules are not used "
-                           "in the forward pass; exclude them with ignore patterns")
-    return stats

@@ -10,25 +10,15 @@ from ..errors import MvquantError
 from ..models.adapters import get_layout
 from . import activations as A
 from .config import QuantConfig, storage_dtype
+from .layer import is_linear, linear_weight  # noqa: F401  (linear_weight: used by hf.py / bnb.py)
 from .linear import QuantLinear
 from .protect import protected_rows
-
-
-def _is_linear(module) -> bool:
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # GPT-2: weight stored [in, out]
-
-
-def linear_weight(module) -> torch.Tensor:
-    """Weight as [out, in] for nn.Linear and GPT-2 Conv1D alike."""
-    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
 
 def target_linears(model, config: QuantConfig) -> dict[str, torch.nn.Module]:
     from ..pipeline import is_router
     found = {name: m for name, m in model.named_modules()
-             if _is_linear(m) and config.is_target(name) and not is_router(name, m, model.config)}
+             if is_linear(m) and config.is_target(name) and not is_router(name, m, model.config)}
     if not found:
         raise MvquantError("no linear layer matches the target patterns: check --targets / --ignore "
                            f"(targets {config.targets}, ignore {config.ignore})")

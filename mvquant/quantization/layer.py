@@ -54,6 +54,12 @@ class LayerContext:
         self.linears[name] = module
 
 
+def is_linear(module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # GPT-2: weight stored [in, out]
+
+
 def linear_weight(module) -> torch.Tensor:
     """Weight as [out, in] for nn.Linear and GPT-2 Conv1D alike."""
     return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
@@ -209,4 +215,4 @@ def quantize_layer(ctx: LayerContext) -> None:
 
 
 __all__ = ["LayerContext", "LAYER_METHODS", "quantize_layer", "build_quant_linear", "quantize_module",
-           "linear_weight", "kept_rows", "collect_layer_stats", "gptq_with_fallback", "rtn_layer", "generic_layer"]
+           "linear_weight", "is_linear", "kept_rows", "collect_layer_stats", "gptq_with_fallback", "rtn_layer", "generic_layer"]
