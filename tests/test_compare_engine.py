@@ -197,3 +197,29 @@ def test_bad_task_runner_result_is_a_clear_error(tmp_path):
     with pytest.raises(MvquantError, match="must return a dict with acc, stderr and n"):
         compare(recipe, tmp_path / "out", arm_runner=FakeArmRunner(), task_runner=lambda *a, **k: {"acc": 1.0},
                 progress=False, log=lambda *_: None)
+
+
+def test_a_new_method_revision_recomputes_only_that_methods_arms(tmp_path):
+    """The arm runner's cache id may depend on the arm (the real one keys on METHOD_REVISION):
+    bumping the RTN revision recomputes the RTN arms and keeps the unquantized arm's cells."""
+    run(tmp_path)
+    recipe = parse_recipe(recipe_data(), catalog=CATALOG)
+
+    class RevisedArms(FakeArmRunner):
+        @staticmethod
+        def cache_id(arm):
+            return "fake/rtn-r2" if arm.method == "rtn" else "fake"
+
+    arms, tasks = RevisedArms(), FakeTaskRunner()
+    result = compare(recipe, tmp_path / "out", arm_runner=arms, task_runner=tasks, progress=False,
+                     log=lambda *_: None)
+    assert sorted(arms.calls) == ["mv-w3", "rtn-w4"] and result.computed == 6
+
+
+def test_real_arm_runner_keys_on_the_method_revision():
+    from mvquant.compare.runners import ModelArmRunner
+    from mvquant.quantization.config import METHOD_REVISION
+    recipe = parse_recipe(recipe_data(), catalog=CATALOG)
+    ids = {a.name: ModelArmRunner.cache_id(a) for a in recipe.arms}
+    assert ids == {"fp": "mvquant", "rtn-w4": f"mvquant/rtn-r{METHOD_REVISION['rtn']}",
+                   "mv-w3": f"mvquant/rtn-r{METHOD_REVISION['rtn']}"}

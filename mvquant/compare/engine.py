@@ -3,7 +3,8 @@
 Two injected callables do the work, so the engine never depends on quantize/eval internals:
 - an arm runner: `arm_runner(arm, ctx) -> PreparedArm` (make the model for one arm),
 - a task runner: `task_runner(prepared, task, *, limit, seed) -> {"acc", "stderr", "n"}`.
-Both may carry a `cache_id` string: results from different runners never share cache entries.
+Both may carry a `cache_id` (a string, or for the arm runner a function of the arm): results from
+different runners, or from different revisions of a method, never share cache entries.
 
 Output directory layout (everything keyed by content hashes, so resume and partial recompute are free):
     compare.json                      the recipe this directory holds (refuse another without --resume/--force)
@@ -98,7 +99,8 @@ class Cell:
 class OutputDir:
     """The output directory: manifest check, cache paths, reading and writing cells."""
 
-    def __init__(self, root: str | os.PathLike, recipe: Recipe, *, arm_runner_id: str = "", task_runner_id: str = ""):
+    def __init__(self, root: str | os.PathLike, recipe: Recipe, *, arm_runner_id: str | Callable[[Arm], str] = "",
+                 task_runner_id: str = ""):
         self.root = Path(root)
         self.recipe = recipe
         self.arm_runner_id = arm_runner_id
@@ -151,7 +153,8 @@ class OutputDir:
 
     # -- cache paths -------------------------------------------------------------------------------
     def arm_key(self, arm: Arm) -> str:
-        return arm_key(self.recipe, arm, self.arm_runner_id)
+        rid = self.arm_runner_id(arm) if callable(self.arm_runner_id) else self.arm_runner_id
+        return arm_key(self.recipe, arm, rid)
 
     def arm_dir(self, arm: Arm) -> Path:
         return self.root / "arms" / self.arm_key(arm)

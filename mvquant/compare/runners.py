@@ -47,11 +47,16 @@ def size_info(model, summary: dict | None) -> dict:
 class ModelArmRunner:
     """Make the model for an arm: load the recipe's model; quantize it (checkpoint cached in the
     arm's directory, reloaded on resume); attach the calibration report where the arm needs one."""
-    cache_id = "mvquant"
-
     def __init__(self, load_model=None):
         # load_model(name, dtype) -> (model, tokenizer): injectable so tests can use tiny models
         self._load_model = load_model
+
+    @staticmethod
+    def cache_id(arm) -> str:
+        """Keys the arm's cache on the quantizer's revision: a new implementation recomputes."""
+        from ..quantization.config import METHOD_REVISION
+        rev = METHOD_REVISION.get(arm.method)
+        return "mvquant" if rev is None else f"mvquant/{arm.method}-r{rev}"
 
     def load_base(self, recipe):
         if self._load_model is not None:

@@ -16,6 +16,10 @@ STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEFAULT_TARGETS = (r"(^|\.)(layers|h)\.\d+\..*",)
 DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"(^|\.)embed_out$")
 FORMAT = "mvquant.checkpoint/1"
+# Bumped whenever a method's output changes (2: layer-by-layer GPTQ with act-order, AWQ with the block
+# loss and folded scales, fp16/bf16 storage). Caches of results (compare) key on it, so a cell computed
+# by an older implementation is recomputed instead of reused.
+METHOD_REVISION = {"rtn": 2, "awq": 2, "smoothquant": 2, "gptq": 2}
 
 
 def storage_dtype(name: str, model_dtype):
