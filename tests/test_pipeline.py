@@ -263,3 +263,36 @@ def test_short_calibration_set_is_a_clear_error(sharded_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "calibration data too short" in err and "8 requested" in err
     assert not (tmp_path / "ck").exists()
+
+
+def _live_cpu_storages() -> dict[int, int]:
+    import gc
+    gc.collect()
+    out = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type == "cpu":
+            out[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+    return out
+
+
+def test_streaming_keeps_no_finished_layer_in_memory(tmp_path, monkeypatch):
+    """After each streamed layer is written, nothing of it stays alive (a dict of the target linears once
+    kept every replaced nn.Linear and its loaded weights: memory grew by one layer per layer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_CONFIGS
+    from mvquant.pipeline import sequential, stream
+    cfg = dict(TINY_CONFIGS["llama"])
+    cfg.pop("model_type")
+    cfg.update(num_hidden_layers=6, hidden_size=128, intermediate_size=256, bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).save_pretrained(tmp_path / "src")
+    after_layer = []
+    monkeypatch.setattr(sequential, "release_freed_memory", lambda: after_layer.append(_live_cpu_storages()))
+    stream.quantize_to_checkpoint(tmp_path / "src", QuantConfig(method="rtn", bits=4, group_size=32),
+                                  tmp_path / "out", progress=False)
+    assert len(after_layer) == 6
+    first, last = after_layer[0], after_layer[-1]
+    grown = sum(n for p, n in last.items() if p not in first)
+    layer_bytes = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256)  # one layer's fp32 linear weights
+    assert grown < layer_bytes / 4, f"{grown} bytes more alive after layer 5 than after layer 0"

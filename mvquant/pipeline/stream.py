@@ -163,7 +163,9 @@ def quantize_to_checkpoint(model_dir, config, output, *, report=None, tokenizer=
     reader = ShardReader(files, keys, getattr(model, "base_model_prefix", "") or "", tied)
     if report is not None:
         report.check_matches(layout)
-    targets = target_linears(model, config)
+    # names only: holding the modules would keep each replaced nn.Linear, and the weights onload gave it,
+    # alive to the end (one layer's weights per layer: peak memory grew with depth)
+    targets = list(target_linears(model, config))
     rows = protected_rows(model, layout, config, report)
     if need_bytes is not None:
         check_output_path(output, force=force, kind="dir", need_bytes=int(need_bytes(model, config)))
