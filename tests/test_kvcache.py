@@ -275,7 +275,7 @@ def test_recipe_kv_arm_keys():
     assert fp.kv_config() is None and "kv_bits" not in fp.spec()          # old arms keep their cache keys
     assert not fp.uses_calibration and not kv2.uses_calibration and both.uses_calibration
     assert kv2.kv_config() == {"bits": 2, "protect": "none", "group_size": 32, "residual": 16, "sink": 0,
-                               "axis": "token", "seed": 0}
+                               "axis": "token", "seed": 0, "backend": "mvquant"}
     assert both.kv_protect == "massive" and both.spec()["kv_bits"] == 2
     for arm, match in (({"name": "a", "kv_bits": 5}, "kv_bits 5 is not supported"),
                        ({"name": "a", "kv_protect": "none"}, "kv_protect configures a quantized KV cache: add kv_bits"),

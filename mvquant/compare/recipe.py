@@ -51,7 +51,7 @@ PROTECT_ALLOWED = "massive | none | random | topk:N"
 
 RECIPE_KEYS = ("name", "description", "model", "dtype", "seed", "calibration", "tasks", "limit",
                "defaults", "quick", "arms", "contrasts")
-KV_KEYS = ("kv_bits", "kv_protect", "kv_group_size", "kv_residual", "kv_sink", "kv_axis")
+KV_KEYS = ("kv_bits", "kv_protect", "kv_group_size", "kv_residual", "kv_sink", "kv_axis", "kv_backend")
 ARM_KEYS = ("name", "method", "bits", "group_size", "protect", "disrupt", "top_k", "seed", "options") + KV_KEYS
 DEFAULT_GROUP_SIZE = 128   # QuantConfig's default, written out so that it is part of the arm's cache key
 CALIBRATION_KEYS = ("samples", "seq_len", "lambda", "top_k", "data", "batch_size")
@@ -79,6 +79,7 @@ class Arm:
     kv_residual: int = 32
     kv_sink: int = 0
     kv_axis: str = "channel"
+    kv_backend: str = "mvquant"       # quanto / hqq: transformers' QuantizedCache (a baseline)
 
     @property
     def quantized(self) -> bool:
@@ -96,7 +97,8 @@ class Arm:
         if self.kv_bits is None:
             return None
         return {"bits": self.kv_bits, "protect": self.kv_protect, "group_size": self.kv_group_size,
-                "residual": self.kv_residual, "sink": self.kv_sink, "axis": self.kv_axis, "seed": self.seed}
+                "residual": self.kv_residual, "sink": self.kv_sink, "axis": self.kv_axis, "seed": self.seed,
+                "backend": self.kv_backend}
 
     def spec(self) -> dict:
         """What determines the arm's results (the name does not: renaming reuses the cache)."""
@@ -105,6 +107,8 @@ class Arm:
         if self.kv_bits is None:   # arms without a quantized KV cache keep the keys they always had
             for k in KV_KEYS:
                 d.pop(k)
+        elif self.kv_backend == "mvquant":   # the default backend keeps the cache keys of earlier kv arms
+            d.pop("kv_backend")
         return d
 
 
@@ -253,7 +257,7 @@ def _validate_kv(raw: dict, merged: dict, at: str) -> dict:
             raise MvquantError(f"{at}: {own[0]} configures a quantized KV cache: add kv_bits (2, 3, 4 or 8)")
         return {}
     field_names = {"kv_bits": "bits", "kv_protect": "protect", "kv_group_size": "group_size",
-                   "kv_residual": "residual", "kv_sink": "sink", "kv_axis": "axis"}
+                   "kv_residual": "residual", "kv_sink": "sink", "kv_axis": "axis", "kv_backend": "backend"}
     given = {f: merged[k] for k, f in field_names.items() if k in merged}
     try:
         config = KVConfig(**given).check()

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--kv-axis", default="channel", choices=["channel", "token"],
                     help="quantize K per channel (KIVI, default) or per token; V is always per token")
     kv.add_argument("--kv-seed", type=int, default=0, help="seed of --kv-protect random (default 0)")
+    kv.add_argument("--kv-backend", default="mvquant", choices=["mvquant", "quanto", "hqq"],
+                    help="mvquant (default) or transformers' QuantizedCache with optimum-quanto / HQQ as a baseline "
+                         "(needs --kv-protect none --kv-axis token)")
     p.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
     p.add_argument("--max-tokens", type=int, default=2048, help="padded prompt tokens per forward (default 2048)")
     p.add_argument("--include-path", help="extra folder of lm-eval task YAMLs")
@@ -84,14 +87,15 @@ def _check_kv_args(args) -> dict | None:
     from ..kvcache import KVConfig
 
     defaults = {"kv_protect": "massive", "kv_group_size": 32, "kv_residual": 32, "kv_sink": 0, "kv_axis": "channel",
-                "kv_seed": 0}
+                "kv_seed": 0, "kv_backend": "mvquant"}
     if args.kv_bits is None:
         changed = [k for k, v in defaults.items() if getattr(args, k) != v]
         if changed:
             raise MvquantError(f"--{changed[0].replace('_', '-')} sets up KV-cache quantization: add --kv-bits 2, 3, 4 or 8")
         return None
     config = KVConfig(bits=args.kv_bits, protect=args.kv_protect, group_size=args.kv_group_size,
-                      residual=args.kv_residual, sink=args.kv_sink, axis=args.kv_axis, seed=args.kv_seed).check()
+                      residual=args.kv_residual, sink=args.kv_sink, axis=args.kv_axis, seed=args.kv_seed,
+                      backend=args.kv_backend).check()
     from .remote import is_url
     if is_url(args.model):
         raise MvquantError("--kv-bits quantizes the KV cache inside the model: evaluate a model or checkpoint in this "
@@ -143,7 +147,7 @@ def run(args) -> int:
               f"{d['dims_q']} Q + {d['dims_k']} K dims, from {d['source']}")
     if result.get("kv_cache"):
         k = result["kv_cache"]
-        print(f"\nKV cache: {k['bits']}-bit, K per {k['axis']} (after RoPE), group {k['group_size']}, residual "
+        print(f"\nKV cache ({k.get('backend', 'mvquant')}): {k['bits']}-bit, K per {k['axis']} (after RoPE), group {k['group_size']}, residual "
               f"{k['residual']}, sink {k['sink']}, protect {k['protect']} ({k['protected_k_channels']} K channels, "
               f"{100 * k['protected_share']:.1f}%): {k['bytes_per_token']:.0f} B/token vs fp16 "
               f"{k['fp16_bytes_per_token']:.0f} ({100 * k['ratio']:.1f}%)")

@@ -50,7 +50,8 @@ class MvquantLM(HFLM):
                  top_k: int | None = None, lam: float | None = None, layers=None, report=None,
                  pairs: bool = False, dtype: str = "float32", max_tokens: int = 2048, progress: bool = True,
                  model=None, tokenizer=None, kv_bits=None, kv_protect: str = "massive", kv_group_size=32,
-                 kv_residual=32, kv_sink=0, kv_axis: str = "channel", kv_seed=0, **kwargs):
+                 kv_residual=32, kv_sink=0, kv_axis: str = "channel", kv_seed=0,
+                 kv_backend: str = "mvquant", **kwargs):
         if model is None:
             model, tokenizer = load_model(pretrained, dtype=dtype)
         elif tokenizer is None:
@@ -80,7 +81,8 @@ class MvquantLM(HFLM):
                 except (TypeError, ValueError):
                     raise MvquantError(f"--kv-{name} must be an integer, got '{value}'") from None
             config = KVConfig(bits=ints["bits"], protect=str(kv_protect), group_size=ints["group-size"],
-                              residual=ints["residual"], sink=ints["sink"], axis=str(kv_axis), seed=ints["seed"])
+                              residual=ints["residual"], sink=ints["sink"], axis=str(kv_axis), seed=ints["seed"],
+                              backend=str(kv_backend))
             self.kv_cache = KVCacheFactory(model, _none(report), config)
 
     def close(self) -> None:

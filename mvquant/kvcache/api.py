@@ -8,10 +8,13 @@ import torch
 
 from ..errors import MvquantError
 from .cache import MassiveKVCache
+from .hf import BACKENDS as HF_BACKENDS
+from .hf import backend_bits, hf_quantized_cache, require_backend
 from .quant import SUPPORTED_BITS, packed_bytes
 
 POLICIES = ("massive", "none", "random")
 AXES = ("channel", "token")
+BACKENDS = ("mvquant",) + tuple(HF_BACKENDS)   # mvquant: cache.py; quanto / hqq: transformers' QuantizedCache
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,22 @@ class KVConfig:
     sink: int = 0                 # first tokens kept in full precision
     axis: str = "channel"         # keys per channel (KIVI) or per token; values are always per token
     seed: int = 0
+    backend: str = "mvquant"      # or transformers' QuantizedCache: quanto | hqq (baselines, no protection)
 
     def check(self) -> "KVConfig":
-        if self.bits not in SUPPORTED_BITS:
-            raise MvquantError(f"--kv-bits {self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.backend not in BACKENDS:
+            raise MvquantError(f"--kv-backend '{self.backend}' is unknown: use one of {', '.join(BACKENDS)}")
+        bits = SUPPORTED_BITS if self.backend == "mvquant" else backend_bits(self.backend)
+        if self.bits not in bits:
+            raise MvquantError(f"--kv-bits {self.bits} is not supported{self._by()}: use one of {', '.join(map(str, bits))}")
+        if self.backend != "mvquant":
+            if self.protect != "none":
+                raise MvquantError(f"--kv-backend {self.backend} keeps no K channels exact: use --kv-protect none "
+                                   "(or --kv-backend mvquant)")
+            if self.axis != "token":
+                raise MvquantError(f"--kv-backend {self.backend} groups keys along channels per token: use --kv-axis token")
+            if self.sink:
+                raise MvquantError(f"--kv-backend {self.backend} has no attention sinks: use --kv-sink 0")
         if self.protect not in POLICIES:
             raise MvquantError(f"--kv-protect '{self.protect}' is unknown: use one of {', '.join(POLICIES)}")
         if self.axis not in AXES:
@@ -37,6 +52,9 @@ class KVConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise MvquantError(f"--kv-{name} must be an integer >= {low}, got {value!r}")
         return self
+
+    def _by(self) -> str:
+        return "" if self.backend == "mvquant" else f" by --kv-backend {self.backend}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,12 +124,17 @@ class KVCacheFactory:
 
         self.config = (config or KVConfig()).check()
         check_layer_types(model.config)
+        if self.config.backend != "mvquant":
+            require_backend(self.config.backend)
         layout = get_layout(model)
         self.num_layers, self.num_kv_heads, self.head_dim = layout.num_layers, layout.num_kv_heads, layout.head_dim
         self.protected = protected_channels(model, report, self.config)
 
     def __call__(self) -> MassiveKVCache:
         c = self.config
+        if c.backend != "mvquant":
+            return hf_quantized_cache(c.backend, self.num_layers, bits=c.bits, group_size=c.group_size,
+                                      residual=c.residual)
         return MassiveKVCache(self.num_layers, self.protected, bits=c.bits, axis_key=c.axis,
                               group_size=c.group_size, residual=c.residual, sink=c.sink, settings=c.to_dict())
 
@@ -121,10 +144,13 @@ class KVCacheFactory:
 
 
 def kv_cache(model, report=None, bits: int = 2, protect: str = "massive", *, group_size: int = 32,
-             residual: int = 32, sink: int = 0, axis: str = "channel", seed: int = 0) -> MassiveKVCache:
+             residual: int = 32, sink: int = 0, axis: str = "channel", seed: int = 0,
+             backend: str = "mvquant") -> MassiveKVCache:
     """A fresh quantized KV cache for `model`: pass it as `past_key_values=` to generate / forward.
 
-    `report`: a CalibrationReport or its path (needed for protect='massive' / 'random')."""
+    `report`: a CalibrationReport or its path (needed for protect='massive' / 'random').
+    `backend`: 'quanto' / 'hqq' give transformers' QuantizedCache instead (a baseline: protect='none',
+    axis='token'; see hf.py)."""
     config = KVConfig(bits=bits, protect=protect, group_size=group_size, residual=residual, sink=sink, axis=axis,
-                      seed=seed)
+                      seed=seed, backend=backend)
     return KVCacheFactory(model, report, config)()
