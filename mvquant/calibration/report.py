@@ -11,6 +11,7 @@ import torch
 
 from ..errors import MvquantError
 from ..io import atomic_write_bytes, atomic_write_json, deterministic_safetensors
+from ..models.adapters import PRENORM_KINDS
 from . import stats as S
 
 FORMAT = "mvquant.calibration/1"
@@ -75,13 +76,21 @@ def check_layers(layers, num_layers: int, heads: dict[str, int | None], head_dim
             raise _Bad(f"layers[{i}]", f"must be an object, got {_kind(entry)}")
         if entry.get("index") != i or isinstance(entry.get("index"), bool):
             raise _Bad(f"layers[{i}].index", f"must be {i}, got {json.dumps(entry.get('index'))}")
-        for kind in ("q", "k", "v"):
+        for kind in ("q", "k", "v", *PRENORM_KINDS.values()):
             obj = entry.get(kind)
+            if kind not in ("q", "k", "v") and obj is None:   # pre-norm Q/K: only QK-norm models have them
+                continue
             if not isinstance(obj, dict):
                 raise _Bad(f"layers[{i}].{kind}", f"must be an object with a 'massive' list, got {_kind(obj)}")
             for key in ("massive", "massive_pairs"):
                 if key in obj or key == "massive":
                     check_dims_per_head(obj.get(key), f"layers[{i}].{kind}.{key}", heads[kind], head_dim)
+
+
+def _heads(num_heads, num_kv_heads) -> dict:
+    """Heads per kind: Q (before or after its norm) has the query heads, K and V the KV heads."""
+    return {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads,
+            PRENORM_KINDS["q"]: num_heads, PRENORM_KINDS["k"]: num_kv_heads}
 
 
 def check_report_data(data) -> None:
@@ -110,7 +119,7 @@ def check_report_data(data) -> None:
     if data.get("stats_file") is not None and (not isinstance(data["stats_file"], str)
                                                or Path(data["stats_file"]).name != data["stats_file"]):
         raise _Bad("stats_file", f"must be a file name beside the report, got {json.dumps(data['stats_file'])}")
-    heads = {"q": dims["num_heads"], "k": dims["num_kv_heads"], "v": dims["num_kv_heads"]}
+    heads = _heads(dims["num_heads"], dims["num_kv_heads"])
     check_layers(data["layers"], num_layers, heads, dims["head_dim"])
 
 
@@ -126,8 +135,8 @@ def load_stats(stats_file: Path, num_layers: int, heads: dict[str, int | None],
     norms = {}
     for key, t in tensors.items():
         parts = key.split(".")
-        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("q", "k", "v"):
-            raise _Bad(key, "is not a statistics tensor (expected layers.<i>.q|k|v)")
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in heads:
+            raise _Bad(key, "is not a statistics tensor (expected layers.<i>.q|k|v|q_prenorm|k_prenorm)")
         i, kind = int(parts[1]), parts[2]
         if i >= num_layers:
             raise _Bad(key, f"names layer {i} but the report has {num_layers} layers")
@@ -142,6 +151,14 @@ def load_stats(stats_file: Path, num_layers: int, heads: dict[str, int | None],
     if absent:
         raise _Bad(absent[0], f"is missing ({len(absent)} of {3 * num_layers} tensors absent)")
     return norms
+
+
+def _top_entry(head: int, dim: int, ratio: float, rd, pairing, theta) -> dict:
+    pair = S.pair_index(dim, rd, pairing)
+    out = {"head": head, "dim": dim, "pair": pair, "ratio": round(ratio, 3)}
+    if pair is not None and theta:
+        out["wavelength"] = round(S.pair_wavelength(pair, rd, theta), 1)   # tokens, at this layer's base
+    return out
 
 
 @dataclass
@@ -159,7 +176,14 @@ class CalibrationReport:
         layers = []
         for i in range(layout.num_layers):
             entry = {"index": i}
-            for kind in ("q", "k", "v"):
+            theta = layout.theta_of(i)
+            if rope:
+                entry["rope_theta"] = theta
+            if layout.layer_types:
+                entry["attention_type"] = layout.layer_types[i]
+            for kind in ("q", "k", "v", *PRENORM_KINDS.values()):
+                if (i, kind) not in norms:   # pre-norm Q/K exist only in QK-norm models
+                    continue
                 m = norms[(i, kind)]
                 sel = S.massive_by_topk(m, top_k) if top_k else S.massive_by_lambda(m, lam)
                 ratio = S.concentration(m)
@@ -173,10 +197,13 @@ class CalibrationReport:
                     "heads_with_massive": sum(bool(s) for s in sel),
                     "low_frequency_share": S.low_frequency_share(sel, rd, pairing),
                     "max_ratio": round(float(ratio.max()), 3),
-                    "top": [{"head": int(j) // m.shape[1], "dim": int(j) % m.shape[1],
-                             "pair": S.pair_index(int(j) % m.shape[1], rd, pairing),
-                             "ratio": round(float(r), 3)} for r, j in zip(top.values, top.indices)],
+                    "top": [_top_entry(int(j) // m.shape[1], int(j) % m.shape[1], float(r), rd, pairing, theta)
+                            for r, j in zip(top.values, top.indices)],
                 }
+            for kind, pre in PRENORM_KINDS.items():
+                if pre in entry:  # does the norm move the largest dim? (same RoPE pair, per head)
+                    entry[pre]["top1_same_pair_as_normed"] = S.top1_agreement(norms[(i, pre)], norms[(i, kind)],
+                                                                              rd, pairing)
             layers.append(entry)
         meta = {
             "format": FORMAT, "model": model, "model_type": layout.model_type,
@@ -219,7 +246,7 @@ class CalibrationReport:
             diff = ", ".join(f"{k} {got[k]} vs model {want[k]}" for k in want if got[k] != want[k])
             raise MvquantError(f"calibration report for '{self.model}' does not match this model ({diff}): "
                                "calibrate this model first (mvquant calibrate MODEL --output REPORT.json)")
-        heads = {kind: layout.heads(kind) for kind in ("q", "k", "v")}
+        heads = _heads(layout.num_heads, layout.num_kv_heads)
         try:
             check_layers(self.layers, layout.num_layers, heads, layout.head_dim)
             for (i, kind), t in self.norms.items():
@@ -234,17 +261,29 @@ class CalibrationReport:
         """Model-level facts: share of layers with massive Q/K/V and of massive dims at low frequency."""
         out = {}
         rope = self.rope
-        for kind in ("q", "k", "v"):
-            counts = [layer[kind]["count"] for layer in self.layers]
-            sel = [layer[kind]["massive"] for layer in self.layers]
-            out[kind] = {
-                "layers_with_massive": sum(c > 0 for c in counts),
-                "share_layers_with_massive": sum(c > 0 for c in counts) / max(1, len(counts)),
-                "total_massive_dims": sum(counts),
-                "low_frequency_share": (S.low_frequency_share([d for s in sel for d in s], rope["rotary_dim"],
-                                                              rope["pairing"]) if rope else None),
-            }
+        kinds = [k for k in ("q", "k", "v", *PRENORM_KINDS.values()) if all(k in layer for layer in self.layers)]
+        for kind in kinds:
+            out[kind] = self._kind_summary(kind, self.layers)
+            types = sorted({layer["attention_type"] for layer in self.layers if "attention_type" in layer})
+            if len(types) > 1:  # local vs global layers (Gemma3): different RoPE bases
+                out[kind]["by_attention_type"] = {
+                    t: {**self._kind_summary(kind, [la for la in self.layers if la.get("attention_type") == t]),
+                        "rope_theta": sorted({la.get("rope_theta") for la in self.layers
+                                              if la.get("attention_type") == t and la.get("rope_theta")})}
+                    for t in types}
         return out
+
+    def _kind_summary(self, kind: str, layers: list[dict]) -> dict:
+        rope = self.rope
+        counts = [layer[kind]["count"] for layer in layers]
+        sel = [layer[kind]["massive"] for layer in layers]
+        return {
+            "layers_with_massive": sum(c > 0 for c in counts),
+            "share_layers_with_massive": sum(c > 0 for c in counts) / max(1, len(counts)),
+            "total_massive_dims": sum(counts),
+            "low_frequency_share": (S.low_frequency_share([d for s in sel for d in s], rope["rotary_dim"],
+                                                          rope["pairing"]) if rope else None),
+        }
 
     # -- files ----------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -284,14 +323,14 @@ class CalibrationReport:
         layers = data.pop("layers")
         rope = data.get("rope") or {}
         for entry in layers:  # DESIGN.md requires only `massive`; RoPE partners are derived from it
-            for kind in ("q", "k", "v"):
+            for kind in [k for k in ("q", "k", "v", *PRENORM_KINDS.values()) if k in entry]:
                 if "massive_pairs" not in entry[kind]:
                     entry[kind]["massive_pairs"] = S.close_pairs(entry[kind]["massive"], rope.get("rotary_dim"),
                                                                  rope.get("pairing"))
         norms = {}
         stats_file = path.with_name(data["stats_file"]) if data.get("stats_file") else None
         if stats_file is not None and stats_file.is_file():
-            heads = {"q": data.get("num_heads"), "k": data.get("num_kv_heads"), "v": data.get("num_kv_heads")}
+            heads = _heads(data.get("num_heads"), data.get("num_kv_heads"))
             try:
                 norms = load_stats(stats_file, data["num_layers"], heads, data.get("head_dim"))
             except _Bad as e:

@@ -56,6 +56,23 @@ def pair_frequency(i: int, rotary_dim: int, theta: float) -> float:
     return float(theta ** (-2.0 * i / rotary_dim))
 
 
+def pair_wavelength(i: int, rotary_dim: int, theta: float) -> float:
+    """Tokens for pair i to turn a full circle, 2 pi / theta_i: the same pair index is a much longer
+    wavelength under a global base of 1e6 than under a local 1e4 (Gemma3), so compare these."""
+    import math
+    return 2 * math.pi / pair_frequency(i, rotary_dim, theta)
+
+
+def top1_agreement(a: torch.Tensor, b: torch.Tensor, rotary_dim: int | None, pairing: str | None) -> int:
+    """Heads whose largest dim in `a` and in `b` ([heads, dim] norms) lie in the same RoPE pair
+    (the same dim without RoPE)."""
+    same = 0
+    for da, db in zip(a.argmax(dim=-1).tolist(), b.argmax(dim=-1).tolist()):
+        pa, pb = pair_index(da, rotary_dim, pairing), pair_index(db, rotary_dim, pairing)
+        same += (pa == pb) if pa is not None and pb is not None else (da == db)
+    return same
+
+
 def close_pairs(dims_per_head: list[list[int]], rotary_dim: int | None, pairing: str | None) -> list[list[int]]:
     """Add each dim's RoPE partner: rotation mixes the two halves, so they are protected together."""
     out = []

@@ -8,6 +8,9 @@ spec with a model's config and is what the rest of mvquant uses:
   The views share storage with the output, so an editing hook (disruption) may write into them.
   Q/K are taken where they enter attention *before RoPE*: after the projection, or after the
   per-head norm in Qwen3/Gemma3. RoPE rotates whole pairs, so pair norms are the same after it.
+- `prenorm_points(model, layer)`: for QK-norm models (Qwen3, Gemma3), Q/K as the projections emit
+  them, before the per-head norm: the rows of W_q/W_k produce these, while attention and the KV cache
+  see the normed values. Calibration records both (kinds `q_prenorm`, `k_prenorm`).
 - `projection_rows(kind, dims_per_head)`: (projection module name, weight row indices) that produce
   the given Q/K/V dims, for protecting rows when quantizing; fused projections included.
 """
@@ -21,6 +24,7 @@ import torch
 from ..errors import MvquantError
 
 KINDS = ("q", "k", "v")
+PRENORM_KINDS = {"q": "q_prenorm", "k": "k_prenorm"}   # Q/K before a per-head norm (QK-norm models)
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,19 @@ def _get(obj, dotted: str):
     return obj
 
 
-def _rope_parameters(config) -> dict:
-    """transformers 5 keeps RoPE settings in `rope_parameters` (per layer type for Gemma3)."""
+def _rope_parameters(config, layer_type: str | None = None) -> dict:
+    """transformers 5 keeps RoPE settings in `rope_parameters`, per layer type for Gemma3
+    (`sliding_attention`: base 10,000; `full_attention`: base 1,000,000). Without a layer type, the
+    full-attention settings."""
     rp = dict(getattr(config, "rope_parameters", None) or {})
     if rp and all(isinstance(v, dict) for v in rp.values()):
-        rp = dict(rp.get("full_attention") or next(iter(rp.values())))
+        rp = dict(rp.get(layer_type or "full_attention") or rp.get("full_attention") or next(iter(rp.values())))
     return rp
+
+
+def _theta(config, layer_type: str | None = None) -> float:
+    rp = _rope_parameters(config, layer_type)
+    return float(rp.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,9 @@ class ModelLayout:
     num_kv_heads: int
     head_dim: int
     rotary_dim: int | None           # dims of a head that RoPE rotates (partial rotary: < head_dim)
-    rope_theta: float | None
+    rope_theta: float | None         # the (global-attention) base; per layer below
+    layer_thetas: tuple[float, ...] | None = None    # RoPE base of each layer (Gemma3: local 1e4, global 1e6)
+    layer_types: tuple[str, ...] | None = None       # e.g. sliding_attention / full_attention, where declared
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -97,13 +110,27 @@ class ModelLayout:
         return self.spec.pairing if self.spec.rope else None
 
     def heads(self, kind: str) -> int:
-        return self.num_heads if kind == "q" else self.num_kv_heads
+        return self.num_heads if kind in ("q", "q_prenorm") else self.num_kv_heads
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return bool(self.spec.q_norm or self.spec.k_norm) and not self.spec.fused
+
+    def theta_of(self, layer: int) -> float | None:
+        """The RoPE base of `layer` (they differ per layer in Gemma2/3's local/global scheme)."""
+        if not self.has_rope:
+            return None
+        return self.layer_thetas[layer] if self.layer_thetas else self.rope_theta
 
     def rope_info(self) -> dict | None:
         if not self.has_rope:
             return None
-        return {"rotary_dim": self.rotary_dim, "pairing": self.pairing, "theta": self.rope_theta,
-                "head_dim": self.head_dim}
+        info = {"rotary_dim": self.rotary_dim, "pairing": self.pairing, "theta": self.rope_theta,
+                "head_dim": self.head_dim,
+                "theta_per_layer": [self.theta_of(i) for i in range(self.num_layers)]}
+        if self.layer_types:
+            info["layer_types"] = list(self.layer_types)
+        return info
 
     # -- modules --------------------------------------------------------------------------------
     def decoder_layers(self, model) -> list:
@@ -130,6 +157,20 @@ class ModelLayout:
                 points.append((getattr(attn, norm), self._splitter_norm(kind)))
             else:
                 points.append((getattr(attn, getattr(s, kind)), self._splitter_proj(kind)))
+        return points
+
+    def prenorm_points(self, model, layer: int) -> list[tuple[torch.nn.Module, Callable]]:
+        """QK-norm models: (projection, splitter) giving Q/K before the per-head norm, as kinds
+        `q_prenorm` / `k_prenorm`: the values the W_q/W_k rows produce. Empty for other models."""
+        if not self.has_qk_norm:
+            return []
+        attn = self.attention(model, layer)
+        points = []
+        for kind in ("q", "k"):
+            if getattr(self.spec, f"{kind}_norm"):
+                split = self._splitter_proj(kind)
+                points.append((getattr(attn, getattr(self.spec, kind)),
+                               lambda out, split=split, kind=kind: {PRENORM_KINDS[kind]: split(out)[kind]}))
         return points
 
     # -- splitters: module output -> {kind: [b, s, h, d] view} ------------------------------------
@@ -196,10 +237,13 @@ def get_layout(model_or_config) -> ModelLayout:
     head_dim = getattr(config, "head_dim", None) or hidden // num_heads
     kv = getattr(config, "num_key_value_heads", None) or num_heads
     num_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    rotary_dim = theta = None
+    rotary_dim = theta = thetas = None
+    types = getattr(config, "layer_types", None)
+    types = tuple(str(t) for t in types) if isinstance(types, (list, tuple)) and len(types) == num_layers else None
     if spec.rope:
         rp = _rope_parameters(config)
-        theta = float(rp.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+        theta = _theta(config)
+        thetas = tuple(_theta(config, t) for t in types) if types else None
         if getattr(config, "rotary_dim", None):  # GPT-J names it directly
             rotary_dim = int(config.rotary_dim)
         else:
@@ -207,4 +251,5 @@ def get_layout(model_or_config) -> ModelLayout:
                 or getattr(config, "rotary_pct", None) or 1.0
             rotary_dim = int(head_dim * float(factor))
     return ModelLayout(spec=spec, model_type=config.model_type, num_layers=num_layers, num_heads=num_heads,
-                       num_kv_heads=kv, head_dim=head_dim, rotary_dim=rotary_dim, rope_theta=theta)
+                       num_kv_heads=kv, head_dim=head_dim, rotary_dim=rotary_dim, rope_theta=theta,
+                       layer_thetas=thetas, layer_types=types)

