@@ -205,3 +205,28 @@ def test_smoothquant_folds_into_norms_and_stays_close(arch):
     out = ctx.run()
     rel = _err(out, ref) / float(sum(r.pow(2).sum() for r in ref))
     assert rel < 1e-3, rel
+
+
+@pytest.mark.parametrize("method, impl", [("smoothquant", "mvquant.quantization.smoothquant"),
+                                          ("awq", "mvquant.quantization.awq"), ("gptq", "mvquant.quantization.gptq")])
+def test_methods_dispatch_to_their_layer_implementation(method, impl, monkeypatch):
+    """quantize(method=...) runs the method's own per-layer code (not the per-linear generic_layer)."""
+    import importlib
+
+    from mvquant.quantization import layer as L
+    from mvquant.quantization import quantize
+    mod = importlib.import_module(impl)
+    seen = []
+    real = mod.quantize_layer
+    monkeypatch.setattr(mod, "quantize_layer", lambda ctx: (seen.append(ctx.index), real(ctx))[1])
+    monkeypatch.setattr(L, "generic_layer", lambda ctx: pytest.fail("generic_layer ran"))
+    model = _model("llama")
+    norm = model.model.layers[0].input_layernorm.weight.clone()
+    bits = 8 if method == "smoothquant" else 4
+    quantize(model, QuantConfig(method=method, bits=bits, group_size=32), progress=False,
+             calibration=[[2 + (7 * i + 3 * j) % 90 for j in range(24)] for i in range(4)])
+    assert seen == [0, 1]
+    folds = method in ("smoothquant", "awq")  # scales folded into the norm, none divided at run time in q_proj
+    new = model.model.layers[0].input_layernorm.weight  # stored fp16 (--store-dtype auto)
+    assert (not torch.equal(norm.half(), new.half())) == folds
+    assert model.model.layers[0].self_attn.q_proj.input_scale is None
