@@ -147,3 +147,34 @@ def test_gemma3_bad_chunks_are_one_clear_error(monkeypatch, tmp_path):
 def test_unknown_builtin_is_refused():
     with pytest.raises(MvquantError, match="not a built-in model: use one of smollm2-135m, gemma3-270m"):
         builtin.builtin_spec("gemma7")
+
+
+# -- tasks near chance at full precision ----------------------------------------------------------
+
+def test_near_chance_rule_and_group_means_leave_excluded_tasks_out():
+    from mvquant.evaluation import tasks as T
+    from mvquant.evaluation.runner import summarise_groups, to_markdown
+
+    assert T.near_chance(0.27, 0.25) and not T.near_chance(0.31, 0.25) and not T.near_chance(0.2, None)
+    results = {"capitals": {"acc": 0.8, "stderr": 0.04, "n": 100, "chance": 0.25, "group": "parametric"},
+               "geography": {"acc": 0.3, "stderr": 0.04, "n": 100, "chance": 0.25, "group": "parametric",
+                             "excluded": "near chance at full precision"}}
+    g = summarise_groups(results)["parametric"]
+    assert g["acc"] == 0.8 and g["tasks"] == ["capitals"] and g["excluded"] == ["geography"] and g["n"] == 100
+    table = to_markdown({"tasks": results, "groups": {"parametric": g}})
+    assert "| geography | parametric (near chance at fp: not in the mean) | 30.0 |" in table
+
+
+def test_excluded_tasks_follow_the_model_and_its_checkpoints(tmp_path, monkeypatch):
+    from mvquant.evaluation import tasks as T
+    from mvquant.evaluation.runner import base_model_name
+
+    monkeypatch.setitem(T.NEAR_CHANCE_AT_FULL_PRECISION, "gemma3-270m", {"reading_qa": "fp 27% vs chance 25%"})
+    assert base_model_name("Gemma3") == "gemma3-270m" and base_model_name(None) == "smollm2-135m"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mvquant",
+                                                                          "report_model": "gemma3-270m"}}))
+    assert base_model_name(str(ckpt)) == "gemma3-270m" and base_model_name(str(tmp_path)) is None
+    assert T.excluded_tasks(base_model_name(str(ckpt))) == {"reading_qa": "fp 27% vs chance 25%"}
+    assert T.excluded_tasks("smollm2-135m") == {}

@@ -61,15 +61,42 @@ def _task_result(name: str, out: dict, info: dict | None) -> dict:
 
 
 def summarise_groups(task_results: dict[str, dict]) -> dict[str, dict]:
+    """Per group, the unweighted mean over its tasks, leaving out tasks marked `excluded` (near chance
+    at full precision on this model: T.NEAR_CHANCE_AT_FULL_PRECISION)."""
     groups = {}
     for group in T.GROUPS:
-        members = [(n, r) for n, r in task_results.items() if r.get("group") == group]
+        members = [(n, r) for n, r in task_results.items() if r.get("group") == group and not r.get("excluded")]
+        left_out = [n for n, r in task_results.items() if r.get("group") == group and r.get("excluded")]
         if members:
             acc, se = S.macro_average([r["acc"] for _, r in members], [r["stderr"] for _, r in members])
             chance = sum(r["chance"] for _, r in members) / len(members)
             groups[group] = {"acc": acc, "stderr": se, "chance": chance, "tasks": [n for n, _ in members],
                              "n": sum(r["n"] for _, r in members)}
+            if left_out:
+                groups[group]["excluded"] = left_out
     return groups
+
+
+def base_model_name(model_or_path) -> str | None:
+    """The built-in model `model_or_path` is or was quantized from (an mvquant checkpoint records its
+    calibration report's model), or None."""
+    from pathlib import Path
+
+    from ..models.builtin import BUILTIN_ALIASES, builtin_spec
+
+    name = "smollm2-135m" if model_or_path is None else str(model_or_path)
+    if name.lower() in BUILTIN_ALIASES:
+        return builtin_spec(name).name
+    config = Path(name) / "config.json"
+    if "://" not in name and config.is_file():
+        try:
+            import json
+            source = (json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}).get("report_model")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if isinstance(source, str) and source.lower() in BUILTIN_ALIASES:
+            return builtin_spec(source).name
+    return None
 
 
 def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, disrupt=None, top_k=None,
@@ -134,6 +161,8 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
         lm = MvquantLM(name, model=model, tokenizer=tokenizer, disrupt=disrupt, top_k=top_k, lam=lam, layers=layers,
                        report=report, pairs=pairs, max_tokens=max_tokens, progress=progress, **kv_args)
     suite = T.suite()
+    excluded = T.excluded_tasks(base_model_name(model_or_path if model_or_path is not None or model is None
+                                                else getattr(model.config, "name_or_path", None)))
     results, t_start = {}, time.perf_counter()
     import lm_eval.evaluator as lm_evaluator
     add_env_info = lm_evaluator.add_env_info
@@ -149,6 +178,10 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
                 raise MvquantError(f"lm-eval returned no result for '{task}'")
             res = _task_result(task, out, suite.get(task))
             res["seconds"] = round(time.perf_counter() - t0, 2)
+            if "ci95" in res:
+                res["near_chance"] = T.near_chance(res["ci95"][0], res.get("chance"))
+            if task in excluded:
+                res["excluded"] = excluded[task]
             results[task] = res
     finally:
         lm_evaluator.add_env_info = add_env_info
@@ -159,6 +192,7 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
         "disruption": None if lm.disruption is None else lm.disruption.summary(),
         "kv_cache": None if getattr(lm, "kv_cache", None) is None else lm.kv_cache.summary(),
         "limit": limit, "seconds": round(time.perf_counter() - t_start, 2), "lm_eval_version": lm_eval.__version__,
+        "excluded_from_groups": {t: why for t, why in excluded.items() if t in results},
     }
 
 
@@ -170,7 +204,8 @@ def to_markdown(result: dict) -> str:
     lines = ["| task | group | acc (%) | ± se | 95% CI | chance | n | s |", "|---|---|---:|---:|---|---:|---:|---:|"]
     for name, r in result["tasks"].items():
         ci = r.get("ci95")
-        lines.append(f"| {name} | {r.get('group') or '-'} | {pct(r.get('acc'))} | {pct(r.get('stderr'))} | "
+        group = (r.get("group") or "-") + (" (near chance at fp: not in the mean)" if r.get("excluded") else "")
+        lines.append(f"| {name} | {group} | {pct(r.get('acc'))} | {pct(r.get('stderr'))} | "
                      f"{'-' if not ci else f'{pct(ci[0])}–{pct(ci[1])}'} | {pct(r.get('chance'))} | {r['n']} | "
                      f"{r.get('seconds', '-')} |")
     for group, g in result["groups"].items():

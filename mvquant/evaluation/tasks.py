@@ -16,6 +16,26 @@ ALIASES = {"contextual": "contextual", "mvquant_contextual": "contextual",
 SUITE_ALIASES = ("all", "mvquant", "mvquant_suite")
 
 
+# Per model, the bundled tasks it does near chance at full precision (the rule: `near_chance`, on a
+# full-precision `mvquant eval MODEL --tasks all` run). They stay in every result with their accuracy
+# and chance level but are left out of that model's group means: a task the model cannot do at full
+# precision says nothing about what quantization keeps. They are reported, not tuned until they pass.
+# Measured: evals/results/<model>/tasks.md. Keys are built-in model names (checkpoints quantized from
+# one inherit its entry through their calibration report's model).
+NEAR_CHANCE_AT_FULL_PRECISION: dict[str, dict[str, str]] = {}
+NEAR_CHANCE_MARGIN = 0.05
+
+
+def near_chance(ci95_low: float, chance: float | None, margin: float = NEAR_CHANCE_MARGIN) -> bool:
+    """Not clearly above chance: the 95% interval's lower end is within `margin` of the chance level."""
+    return chance is not None and ci95_low <= chance + margin
+
+
+def excluded_tasks(model_name: str | None) -> dict[str, str]:
+    """task -> why it is left out of `model_name`'s group means (empty for models without an entry)."""
+    return dict(NEAR_CHANCE_AT_FULL_PRECISION.get(str(model_name or "").lower(), {}))
+
+
 def evals_dir() -> Path:
     """The repository's evals/ folder (override with MVQUANT_EVALS_DIR)."""
     env = os.environ.get("MVQUANT_EVALS_DIR")
