@@ -1,19 +1,25 @@
-"""KV-cache quantization on a model: KV bits x K-channel protection (massive / none / random), one
-model load, every arm on the same items, paired contrasts.
+"""KV-cache quantization on a model: KV bits x K-channel protection (massive / none / random) and
+transformers' QuantizedCache baselines, one model load, every arm on the same items, paired contrasts,
+cache bytes per token and decode speed.
 
     flock /tmp/mvquant-heavy.lock python evals/kv.py --output-dir evals/results/kv --limit 20 \
         --calibration evals/results/calibration/smollm2-135m.json
 
 Arms: fp (the usual cache) and for each --bits and --axes: kv{B}-{axis}-{protect}. protect none is the
 KIVI-style baseline (per-channel K, per-token V, residual window, no protection); random keeps as
-many random RoPE pairs per KV head (seeded) as massive keeps. Every arm's result is saved to
-<dir>/arms/<arm>.json as it finishes (a rerun skips those); <dir>/kv.md is rendered from them.
+many random RoPE pairs per KV head (seeded) as massive keeps. --baselines quanto2,hqq4,... adds
+transformers' QuantizedCache arms {backend}{B}-token-none (mvquant/kvcache/hf.py). Every arm's
+result is saved to <dir>/arms/<arm>.json as it finishes (a rerun skips those made with the same
+tasks and limit); then every arm's greedy decode speed is measured, interleaved with the dense
+cache over --speed-rounds rounds (<dir>/speed.json); <dir>/kv.md is rendered from them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,34 +32,73 @@ from mvquant.evaluation.runner import evaluate
 from mvquant.io import atomic_write_json, atomic_write_text
 from mvquant.kvcache import KVCacheFactory, KVConfig
 
-DEFAULT_TASKS = "passkey_256,kv_retrieval,reading_qa,knowledge_conflict,capitals,world_facts"
+DEFAULT_TASKS = "contextual,parametric"
 
 
-def arm_names(bits, axes, protects):
-    return ["fp"] + [f"kv{b}-{a}-{p}" for a in axes for b in bits for p in protects]
+ARM = re.compile(r"^(kv|quanto|hqq)(\d+)-(channel|token)-(none|massive|random)$")
+
+
+def arm_names(bits, axes, protects, baselines=()):
+    names = ["fp"] + [f"kv{b}-{a}-{p}" for a in axes for b in bits for p in protects]
+    for x in baselines:
+        m = re.fullmatch(r"(quanto|hqq)(\d+)", x)
+        if not m:
+            raise SystemExit(f"evals/kv.py: error: --baselines '{x}' is not quanto<B> or hqq<B>")
+        names.append(f"{x}-token-none")
+    return names
+
+
+def parse_arm(name: str) -> tuple[str, int, str, str]:
+    """'kv2-channel-massive' -> ('mvquant', 2, 'channel', 'massive'); 'quanto4-token-none' -> ('quanto', ...)."""
+    m = ARM.fullmatch(name)
+    if not m:
+        raise SystemExit(f"evals/kv.py: error: arm '{name}' is not fp, kv<B>-<channel|token>-<none|massive|random> "
+                         "or <quanto|hqq><B>-token-none")
+    backend, bits, axis, protect = m.groups()
+    return ("mvquant" if backend == "kv" else backend), int(bits), axis, protect
 
 
 def arm_config(name: str, args) -> dict | None:
     if name == "fp":
         return None
-    b, axis, protect = name[2:].split("-")
-    return {"bits": int(b), "axis": axis, "protect": protect, "group_size": args.group_size,
-            "residual": args.residual, "sink": args.sink, "seed": args.seed}
+    backend, bits, axis, protect = parse_arm(name)
+    return KVConfig(bits=bits, axis=axis, protect=protect, group_size=args.group_size, residual=args.residual,
+                    sink=args.sink if backend == "mvquant" else 0, seed=args.seed, backend=backend).check().to_dict()
 
 
 @torch.inference_mode()
-def decode_speed(model, tokenizer, kv: dict | None, report, prompt_tokens: int = 256, new_tokens: int = 32) -> float:
-    """Greedy decode tokens/s after a prompt (batch 1), this cache vs others in the same run."""
-    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 40, return_tensors="pt")["input_ids"]
-    ids = ids[:, :prompt_tokens]
-    cache = KVCacheFactory(model, report, KVConfig(**kv))() if kv else None
+def decode_seconds(model, ids, factory, new_tokens: int) -> float:
+    """Seconds for `new_tokens` greedy decode steps after prefilling `ids` (batch 1)."""
+    cache = factory() if factory else None
     out = model(ids, past_key_values=cache, use_cache=True)
     cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         out = model(tok, past_key_values=cache, use_cache=True)
         cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return new_tokens / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def decode_speed(model, tokenizer, arms: dict, report, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+    """Greedy decode tokens/s per arm, measured round-robin with the dense cache so that machine load
+    hits every arm alike; the ratio to the dense cache is taken within each round, then the median."""
+    text = open(__file__).read()   # a few hundred tokens of ordinary text
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :prompt_tokens]
+    factories = {n: (KVCacheFactory(model, report, KVConfig(**kv)) if kv else None) for n, kv in arms.items()}
+    decode_seconds(model, ids, None, 4)   # warm-up
+    times = {n: [] for n in arms}
+    ratios = {n: [] for n in arms}
+    for _ in range(rounds):
+        dense = decode_seconds(model, ids, None, new_tokens)
+        for n, f in factories.items():
+            t = dense if f is None else decode_seconds(model, ids, f, new_tokens)
+            times[n].append(t)
+            ratios[n].append(dense / t)
+    return {"prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens, "rounds": rounds,
+            "threads": torch.get_num_threads(),
+            "arms": {n: {"tok_s_median": new_tokens / statistics.median(times[n]),
+                         "vs_dense_median": statistics.median(ratios[n]),
+                         "vs_dense_min": min(ratios[n]), "vs_dense_max": max(ratios[n])} for n in arms}}
 
 
 def delta(a: dict, b: dict, task: str) -> tuple[float, float]:
@@ -65,19 +110,45 @@ def group_delta(a: dict, b: dict, tasks: list[str]) -> tuple[float, float]:
     return S.macro_average([p[0] for p in parts], [p[1] for p in parts])
 
 
-def render(results: dict, meta: dict) -> str:
+def contrasts(names: list[str]) -> list[tuple[str, str]]:
+    """massive vs none and vs random at the same bits/axis; each baseline vs our unprotected cache at the
+    same bits (KIVI per-channel K, and per-token K if run); every arm vs fp."""
+    pairs = []
+    for n in names:
+        if n == "fp":
+            continue
+        backend, b, axis, protect = parse_arm(n)
+        if backend == "mvquant" and protect == "massive":
+            pairs += [(n, f"kv{b}-{axis}-{o}") for o in ("none", "random") if f"kv{b}-{axis}-{o}" in names]
+        if backend != "mvquant":
+            pairs += [(n, f"kv{b}-{a}-{p}") for a in ("channel", "token") for p in ("none", "massive")
+                      if f"kv{b}-{a}-{p}" in names]
+        pairs.append((n, "fp"))
+    return pairs
+
+
+def render(results: dict, meta: dict, speed: dict | None = None) -> str:
     names = [n for n in meta["arms"] if n in results]
     tasks = list(results[names[0]]["tasks"])
     groups = {g: [t for t in tasks if results[names[0]]["tasks"][t]["group"] == g] for g in ("contextual", "parametric")}
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    sp = (speed or {}).get("arms", {})
     lines = [f"# KV-cache quantization on {meta['model']}", "",
              f"Command: `{meta['command']}`", "",
-             f"n = {meta['limit']} items per task (the first n of each bundled task), greedy/log-likelihood scoring; "
+             f"n = {meta['limit']} items per task (the first n of each bundled task), log-likelihood scoring; "
              f"group size {meta['group_size']}, residual {meta['residual']} tokens, sink {meta['sink']}; K quantized "
              "after RoPE; every attention read (the prompt's own included) sees the quantized cache. "
-             "± is one standard error; Δ are paired differences on the same items.", "",
-             "| arm | " + " | ".join(tasks) + " | contextual | parametric | B/token (fp16 = 100%) | protected K | decode tok/s |",
-             "|---|" + "---:|" * (len(tasks) + 5)]
+             "± is one standard error; Δ are paired differences on the same items. "
+             "kv* arms are mvquant's cache; quanto*/hqq* arms are transformers' QuantizedCache (K and V grouped "
+             "along channels per token, the whole prompt quantized, see mvquant/kvcache/hf.py). "
+             "B/token: steady-state cache bytes per token over all layers, codes packed and fp16 scales, "
+             "vs an fp16 cache. Decode: greedy tokens/s at batch 1 relative to the dense cache, median of "
+             "per-round ratios (min-max)" + (f" over {speed['rounds']} rounds, {speed['prompt_tokens']}-token prompt, "
+                                              f"{speed['new_tokens']} new tokens, {speed['threads']} threads; a shared "
+                                              "2-core machine, so only the ratios mean anything" if speed else "") + ".",
+             "",
+             "| arm | " + " | ".join(tasks) + " | contextual | parametric | B/token (fp16 = 100%) | protected K | "
+             "decode vs dense |", "|---|" + "---:|" * (len(tasks) + 5)]
     for n in names:
         r = results[n]
         k = r.get("kv_cache")
@@ -86,23 +157,12 @@ def render(results: dict, meta: dict) -> str:
               for g in groups]
         size = "100%" if not k else f"{k['bytes_per_token']:.0f} B ({pct(k['ratio'])}%)"
         prot = "-" if not k else f"{k['protected_k_channels']} ({pct(k['protected_share'])}%)"
-        speed = r.get("decode_tok_s")
-        lines.append(f"| {n} | " + " | ".join(cells + gs) + f" | {size} | {prot} | "
-                     f"{'-' if speed is None else f'{speed:.1f}'} |")
+        s = sp.get(n)
+        speed_cell = "-" if s is None else f"{s['vs_dense_median']:.2f}x ({s['vs_dense_min']:.2f}-{s['vs_dense_max']:.2f})"
+        lines.append(f"| {n} | " + " | ".join(cells + gs) + f" | {size} | {prot} | {speed_cell} |")
     lines += ["", "## Paired contrasts (points)", "",
               "| contrast | " + " | ".join(tasks) + " | contextual | parametric |", "|---|" + "---:|" * (len(tasks) + 2)]
-    pairs = []
-    for n in names:
-        if n == "fp":
-            continue
-        b, axis, protect = n[2:].split("-")
-        if protect == "massive":
-            for other in ("none", "random"):
-                o = f"kv{b}-{axis}-{other}"
-                if o in results:
-                    pairs.append((n, o))
-        pairs.append((n, "fp"))
-    for a, b in pairs:
+    for a, b in contrasts(names):
         ra, rb = results[a], results[b]
         cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
         gs = ["**{:+.1f}** ± {:.1f}".format(*(100 * x for x in group_delta(ra, rb, ts))) if ts else "-"
@@ -120,47 +180,68 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="2,3,4")
     p.add_argument("--axes", default="channel")
     p.add_argument("--protects", default="none,massive,random")
+    p.add_argument("--baselines", default="quanto2,quanto4,hqq2,hqq4",
+                   help="transformers QuantizedCache arms, backend+bits ('' for none)")
     p.add_argument("--arms", help="only these arm names (comma-separated)")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--residual", type=int, default=32)
     p.add_argument("--sink", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration", required=True)
+    p.add_argument("--speed-rounds", type=int, default=3, help="decode-speed rounds (0: skip)")
+    p.add_argument("--speed-prompt", type=int, default=384, help="prompt tokens before decoding")
+    p.add_argument("--speed-new", type=int, default=64, help="greedy decode steps timed")
+    p.add_argument("--speed-only", action="store_true", help="only measure decode speed (no task evaluation)")
     p.add_argument("--render", action="store_true", help="only re-write kv.md from the saved arms")
     args = p.parse_args(argv)
-    names = arm_names([int(b) for b in args.bits.split(",")], args.axes.split(","), args.protects.split(","))
+    names = arm_names([int(b) for b in args.bits.split(",")], args.axes.split(","), args.protects.split(","),
+                      [x for x in args.baselines.split(",") if x])
     if args.arms:
         names = [n for n in args.arms.split(",")]
+    configs = {n: arm_config(n, args) for n in names}          # bad arm names fail before the model loads
     arms_dir = args.output_dir / "arms"
     arms_dir.mkdir(parents=True, exist_ok=True)
     meta_path = args.output_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"arms": []}
-    meta.update({"model": args.model, "limit": args.limit, "group_size": args.group_size, "residual": args.residual,
-                 "sink": args.sink, "calibration": args.calibration,
+    if not args.render and meta.get("arms") and (meta.get("limit"), meta.get("tasks")) != (args.limit, args.tasks):
+        raise SystemExit(f"evals/kv.py: error: {args.output_dir} holds arms made with --tasks {meta.get('tasks')} "
+                         f"--limit {meta.get('limit')}: use another --output-dir")
+    meta.update({"model": args.model, "limit": args.limit, "tasks": args.tasks, "group_size": args.group_size,
+                 "residual": args.residual, "sink": args.sink, "calibration": args.calibration,
                  "command": "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))})
     meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
+    speed_path = args.output_dir / "speed.json"
     if not args.render:
+        atomic_write_json(meta_path, meta)
         torch.set_num_threads(2)
         model, tokenizer = load_model(args.model)
         report = load_report(args.calibration)
-        for name in names:
+        for name in [] if args.speed_only else names:
             path = arms_dir / f"{name}.json"
             if path.exists():
                 continue
-            kv = arm_config(name, args)
             t0 = time.perf_counter()
             r = evaluate(args.model, args.tasks, model=model, tokenizer=tokenizer, limit=args.limit, report=report,
-                         kv=kv, progress=False)
-            r["decode_tok_s"] = decode_speed(model, tokenizer, kv, report)
-            r["decode_fp_tok_s_same_time"] = decode_speed(model, tokenizer, None, report)
+                         kv=configs[name], progress=False)
             atomic_write_json(path, r)
             print(f"{name}: " + ", ".join(f"{t} {100 * x['acc']:.0f}" for t, x in r["tasks"].items())
                   + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.speed_rounds > 0:
+            t0 = time.perf_counter()
+            old = json.loads(speed_path.read_text())["arms"] if speed_path.exists() else {}
+            speed = decode_speed(model, tokenizer, {"fp": None, **{n: c for n, c in configs.items() if c}}, report,
+                                 args.speed_prompt, args.speed_new, args.speed_rounds)
+            speed["arms"] = {**{n: v for n, v in old.items() if n not in speed["arms"]}, **speed["arms"]}
+            atomic_write_json(speed_path, speed)
+            print(f"decode speed ({time.perf_counter() - t0:.0f} s): " + ", ".join(
+                f"{n} {v['vs_dense_median']:.2f}x" for n, v in speed["arms"].items()), flush=True)
     atomic_write_json(meta_path, meta)
     results = {n: json.loads((arms_dir / f"{n}.json").read_text()) for n in meta["arms"]
                if (arms_dir / f"{n}.json").exists()}
-    atomic_write_text(args.output_dir / "kv.md", render(results, meta))
-    print(f"wrote {args.output_dir / 'kv.md'}")
+    speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
+    if results:
+        atomic_write_text(args.output_dir / "kv.md", render(results, meta, speed))
+        print(f"wrote {args.output_dir / 'kv.md'}")
     return 0
 
 
