@@ -1,0 +1,71 @@
+"""evals/kv.py: arm names, contrasts, the rendered table's paired numbers, decode-speed bookkeeping."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+
+spec = importlib.util.spec_from_file_location("kv_experiment", Path(__file__).parents[1] / "evals" / "kv.py")
+kv = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kv)
+
+
+def test_arm_names_and_configs():
+    names = kv.arm_names([2, 3], ["channel"], ["none", "massive"], ["quanto2", "hqq4"])
+    assert names == ["fp", "kv2-channel-none", "kv2-channel-massive", "kv3-channel-none", "kv3-channel-massive",
+                     "quanto2-token-none", "hqq4-token-none"]
+    assert kv.parse_arm("quanto2-token-none") == ("quanto", 2, "token", "none")
+    args = type("A", (), {"group_size": 32, "residual": 32, "sink": 4, "seed": 0})()
+    assert kv.arm_config("quanto2-token-none", args)["sink"] == 0          # the baseline has no sinks
+    assert kv.arm_config("kv3-channel-massive", args)["backend"] == "mvquant"
+    with pytest.raises(SystemExit, match="kv<B>"):
+        kv.parse_arm("kv2-head-none")
+    with pytest.raises(SystemExit, match="not quanto<B> or hqq<B>"):
+        kv.arm_names([2], ["channel"], ["none"], ["bnb4"])
+    with pytest.raises(Exception, match="--kv-bits 3 is not supported by --kv-backend quanto"):
+        kv.arm_config("quanto3-token-none", args)
+
+
+def _result(correct: dict[str, list[int]], groups: dict[str, str], kv_cache=None) -> dict:
+    import statistics
+    tasks = {t: {"acc": statistics.mean(c), "stderr": 0.0, "correct": c, "group": groups[t]} for t, c in correct.items()}
+    return {"tasks": tasks, "groups": {g: {"acc": 0.5, "stderr": 0.1} for g in set(groups.values())},
+            "kv_cache": kv_cache}
+
+
+def test_contrasts_and_rendered_paired_differences():
+    names = ["fp", "kv2-channel-none", "kv2-channel-massive", "kv2-channel-random", "quanto2-token-none"]
+    pairs = kv.contrasts(names)
+    assert ("kv2-channel-massive", "kv2-channel-none") in pairs and ("kv2-channel-massive", "kv2-channel-random") in pairs
+    assert ("quanto2-token-none", "kv2-channel-none") in pairs and ("quanto2-token-none", "fp") in pairs
+    groups = {"passkey_128": "contextual", "capitals": "parametric"}
+    cache = {"bytes_per_token": 100.0, "ratio": 0.2, "protected_k_channels": 0, "protected_share": 0.0}
+    results = {"fp": _result({"passkey_128": [1, 1, 1, 1], "capitals": [1, 1, 0, 1]}, groups),
+               "kv2-channel-none": _result({"passkey_128": [0, 0, 1, 1], "capitals": [1, 1, 0, 1]}, groups, cache),
+               "kv2-channel-massive": _result({"passkey_128": [1, 0, 1, 1], "capitals": [1, 1, 0, 0]}, groups, cache)}
+    speed = {"rounds": 3, "prompt_tokens": 384, "new_tokens": 64, "threads": 2,
+             "arms": {"kv2-channel-none": {"vs_dense_median": 0.5, "vs_dense_min": 0.4, "vs_dense_max": 0.6}}}
+    md = kv.render(results, {"arms": list(results), "model": "m", "command": "c", "limit": 4, "group_size": 32,
+                             "residual": 32, "sink": 0}, speed)
+    # massive - none on passkey: +1 on one item of four = +25.0, stderr of (0,1,0,0) = 25.0
+    assert "| kv2-channel-massive − kv2-channel-none | +25.0 ± 25.0 | -25.0 ± 25.0 | **+25.0** ± 25.0 |" in md
+    assert "0.50x (0.40-0.60)" in md and "100 B (20.0%)" in md
+
+
+def test_decode_speed_ratios_per_round():
+    model = make_tiny_model("llama")
+
+    def tokenizer(text, return_tensors):
+        return {"input_ids": torch.randint(2, 100, (1, 64))}
+
+    cfg = {"bits": 2, "protect": "none", "group_size": 16, "residual": 8, "sink": 0, "axis": "channel", "seed": 0,
+           "backend": "mvquant"}
+    out = kv.decode_speed(model, tokenizer, {"fp": None, "kv2": cfg}, None, prompt_tokens=40, new_tokens=4, rounds=2)
+    assert out["prompt_tokens"] == 40 and out["rounds"] == 2
+    assert out["arms"]["fp"]["vs_dense_median"] == 1.0
+    a = out["arms"]["kv2"]
+    assert a["vs_dense_min"] <= a["vs_dense_median"] <= a["vs_dense_max"] and a["tok_s_median"] > 0
