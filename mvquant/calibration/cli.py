@@ -13,7 +13,7 @@ HELP = "find the massive Q/K dimensions of a RoPE model and write a JSON report 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="HF id, local dir, .gguf file, or the built-in 'smollm2-135m' (default)")
+                   help="HF id, local dir, .gguf file, or a built-in model: 'smollm2-135m' (default), 'gemma3-270m'")
     p.add_argument("--output", "-o", required=True, help="report JSON path (raw stats go beside it as .stats.safetensors)")
     p.add_argument("--data", default=DEFAULT_SOURCE,
                    help=f"calibration text: '{DEFAULT_SOURCE}' (offline, default), a .txt/.jsonl file, or a datasets name NAME[:CONFIG]")

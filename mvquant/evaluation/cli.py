@@ -11,7 +11,7 @@ HELP = "Evaluate a model (alias, directory, GGUF, hub id, or mvquant checkpoint)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="model to evaluate (default: the built-in smollm2-135m), or an OpenAI-compatible server URL "
+                   help="model to evaluate (default: the built-in smollm2-135m; also gemma3-270m), or an OpenAI-compatible server URL "
                         "such as http://127.0.0.1:8000/v1 (mvquant serve)")
     p.add_argument("--tasks", default="contextual,parametric",
                    help="comma-separated: bundled tasks, the groups contextual / parametric, or any lm-eval task "

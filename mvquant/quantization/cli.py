@@ -21,7 +21,7 @@ def _group_size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="HF id, local dir, .gguf file, or the built-in 'smollm2-135m' (default)")
+                   help="HF id, local dir, .gguf file, or a built-in model: 'smollm2-135m' (default), 'gemma3-270m'")
     p.add_argument("--calibration", default=None, help="calibration report JSON (mvquant calibrate); "
                    "needed by --protect massive / random / topk:N")
     p.add_argument("--protect", default="none", help="massive | none | random (same count, seeded) | topk:N")
