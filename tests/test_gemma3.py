@@ -178,3 +178,24 @@ def test_excluded_tasks_follow_the_model_and_its_checkpoints(tmp_path, monkeypat
     assert base_model_name(str(ckpt)) == "gemma3-270m" and base_model_name(str(tmp_path)) is None
     assert T.excluded_tasks(base_model_name(str(ckpt))) == {"reading_qa": "fp 27% vs chance 25%"}
     assert T.excluded_tasks("smollm2-135m") == {}
+
+
+def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_it():
+    """Gemma's tokenizer starts every text with BOS: each window does too (seq_len counts it);
+    tokenizers without that (SmolLM2's, the tiny one) get the windows they always got."""
+    from mvquant.calibration import data as D
+
+    class BosTokenizer:
+        bos_token_id, eos_token_id = 2, 1
+
+        def __call__(self, text, add_special_tokens=True, **_):
+            ids = [10 + (b % 50) for b in text.encode()]
+            return {"input_ids": ([2] if add_special_tokens else []) + ids}
+
+    texts = ["abcdefghij" * 4, "klmnopqrst" * 4]
+    wins = D.token_windows(texts, BosTokenizer(), samples=3, seq_len=8, seed=0)
+    assert all(len(w) == 8 and w[0] == 2 and 2 not in w[1:] for w in wins)
+    plain = D.token_windows(texts, make_tiny_tokenizer(), samples=3, seq_len=8, seed=0)
+    assert D.leading_bos(make_tiny_tokenizer()) is None and all(len(w) == 8 for w in plain)
+    unpacked = D.token_windows(texts, BosTokenizer(), samples=2, seq_len=5, pack=False)
+    assert all(w[0] == 2 and len(w) == 5 for w in unpacked)

@@ -51,6 +51,8 @@ def token_windows(texts: list[str], tokenizer, *, samples: int, seq_len: int, se
 
     pack=True: join the texts and cut equal windows of `seq_len` tokens (no padding needed).
     pack=False: one sequence per text, truncated to `seq_len` (batches are padded and masked).
+    A tokenizer that starts every text with BOS (Gemma) gets BOS at the start of every window, as the
+    model always sees it (Gemma without BOS is off its training distribution); `seq_len` counts it.
     """
     if samples <= 0 or seq_len <= 0:
         raise MvquantError("--samples and --seq-len must be positive")
@@ -58,6 +60,12 @@ def token_windows(texts: list[str], tokenizer, *, samples: int, seq_len: int, se
     if not texts:
         raise MvquantError("calibration data is empty: give a file with text in it")
     gen = torch.Generator().manual_seed(seed)
+    bos = leading_bos(tokenizer)
+    if bos is not None:
+        if seq_len < 2:
+            raise MvquantError("--seq-len must be at least 2 for a tokenizer that starts every text with BOS")
+        windows = token_windows(texts, _NoBos(tokenizer), samples=samples, seq_len=seq_len - 1, seed=seed, pack=pack)
+        return [[bos] + w for w in windows]
     if pack:
         sep = tokenizer.eos_token_id
         ids: list[int] = []
@@ -91,3 +99,27 @@ def batches(seqs: list[list[int]], batch_size: int, pad_id: int):
             ids[row, :len(s)] = torch.tensor(s)
             mask[row, :len(s)] = 1
         yield ids, mask
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts it before every text by default, else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # a tokenizer-like object without the usual call: no BOS to add
+        return None
+    return bos if ids and ids[0] == bos else None
+
+
+class _NoBos:
+    """The tokenizer with BOS left out (token_windows adds it once per window)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos_token_id = None
+
+    def __call__(self, text, **kwargs):
+        return self._tokenizer(text, **kwargs)
