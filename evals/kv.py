@@ -134,7 +134,8 @@ def render(results: dict, meta: dict, speed: dict | None = None) -> str:
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     sp = (speed or {}).get("arms", {})
     lines = [f"# KV-cache quantization on {meta['model']}", "",
-             f"Command: `{meta['command']}`", "",
+             f"Command: `{meta.get('command')}`" + (f"; decode speed: `{meta['speed_command']}`"
+                                                    if meta.get("speed_command") else ""), "",
              f"n = {meta['limit']} items per task (the first n of each bundled task), log-likelihood scoring; "
              f"group size {meta['group_size']}, residual {meta['residual']} tokens, sink {meta['sink']}; K quantized "
              "after RoPE; every attention read (the prompt's own included) sees the quantized cache. "
@@ -206,9 +207,11 @@ def main(argv=None) -> int:
     if not args.render and meta.get("arms") and (meta.get("limit"), meta.get("tasks")) != (args.limit, args.tasks):
         raise SystemExit(f"evals/kv.py: error: {args.output_dir} holds arms made with --tasks {meta.get('tasks')} "
                          f"--limit {meta.get('limit')}: use another --output-dir")
-    meta.update({"model": args.model, "limit": args.limit, "tasks": args.tasks, "group_size": args.group_size,
-                 "residual": args.residual, "sink": args.sink, "calibration": args.calibration,
-                 "command": "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))})
+    if not args.render:
+        meta.update({"model": args.model, "limit": args.limit, "tasks": args.tasks, "group_size": args.group_size,
+                     "residual": args.residual, "sink": args.sink, "calibration": args.calibration})
+        key = "speed_command" if args.speed_only else "command"
+        meta[key] = "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
     speed_path = args.output_dir / "speed.json"
     if not args.render:
