@@ -9,8 +9,13 @@ from .report import CalibrationReport
 _LABELS = {"q_prenorm": "Q before q_norm", "q": "Q", "k_prenorm": "K before k_norm", "k": "K", "v": "V"}
 
 
-def default_layers(num_layers: int) -> list[int]:
-    return sorted({0, 1, num_layers // 2, num_layers - 1} & set(range(num_layers)))
+def default_layers(num_layers: int, thetas: list | None = None) -> list[int]:
+    """First, second, middle, last; with per-layer RoPE bases (Gemma's local/global layers), also the
+    first layer of each other base."""
+    layers = {0, 1, num_layers // 2, num_layers - 1}
+    for theta in sorted(set(thetas or []) - {(thetas or [None])[0]}):
+        layers.add(thetas.index(theta))
+    return sorted(layers & set(range(num_layers)))
 
 
 def plot_kinds(report: CalibrationReport) -> list[str]:
@@ -31,7 +36,8 @@ def plot_report(report: CalibrationReport, layers: list[int] | None = None) -> b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = layers if layers is not None else default_layers(report.meta["num_layers"])
+    layers = layers if layers is not None else default_layers(report.meta["num_layers"],
+                                                              (report.rope or {}).get("theta_per_layer"))
     kinds = plot_kinds(report)
     lam = report.meta.get("lambda") or 5.0
     rope = report.rope
