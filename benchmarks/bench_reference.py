@@ -54,6 +54,11 @@ def worker(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
+    if not torch.cuda.is_available():
+        # AWQModifier pins its cached layer inputs (for faster host-to-GPU copies), which raises on a
+        # machine without an accelerator; pinning changes no value, so skip it on CPU
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
     results = {}
     for method in spec["methods"]:
         model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -83,11 +88,11 @@ def worker(spec_path: str) -> int:
     return 0
 
 
-def _progress(name, r, save, rows) -> None:
+def _progress(name, r, save, rows, settings) -> None:
     m, se = summary(r["nll"])
     print(f"[{name}] ppl {math.exp(m):.3f} (nll {m:.4f} ± {se:.4f}), {r['seconds']:.0f} s", file=sys.stderr, flush=True)
     if save:
-        Path(save).write_text(json.dumps(rows))
+        Path(save).write_text(json.dumps({"_settings": settings, **rows}))
 
 
 # -- driver: mvquant's environment --------------------------------------------------------------------
@@ -99,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--ours-after", default="rtn,gptq-actorder",
                    help="mvquant arms run after it (gptq-actorder: static groups, llm-compressor's default ordering)")
     p.add_argument("--save", help="write every arm's per-token NLLs to this JSON as it finishes")
+    p.add_argument("--reuse", help="a --save file of an earlier run with the same settings: its arms join the "
+                   "table (paired on the same tokens) and are not run again")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=32)
@@ -127,9 +134,19 @@ def main(argv=None) -> int:
                             seq_len=args.calib_seq_len, seed=0)
     windows = D.token_windows(D.load_texts("python-docs"), tok, samples=args.eval_windows, seq_len=256, seed=12345)
     rows: dict[str, dict] = {}
-    if not args.skip_fp32:
+    settings = {"bits": args.bits, "group_size": args.group_size, "calib": calib, "eval": windows}
+    reused = {}
+    if args.reuse:
+        old = json.loads(Path(args.reuse).read_text())
+        if old.pop("_settings", None) != settings:
+            print(f"bench_reference: error: {args.reuse} was made with other settings (bits, group size, "
+                  "calibration or held-out tokens) or by an older version: rerun those arms", file=sys.stderr)
+            return 2
+        reused = old
+    rows.update({k: v for k, v in reused.items() if not k.startswith("llm-compressor ")})
+    if not args.skip_fp32 and "fp32" not in rows:
         rows["fp32"] = {"nll": token_nll(model, windows), "seconds": 0.0}
-        _progress("fp32", rows["fp32"], args.save, rows)
+        _progress("fp32", rows["fp32"], args.save, rows, settings)
         del model
 
     def run_ours(arm):
@@ -141,20 +158,22 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         quantize(model, cfg, calibration=calib, tokenizer=tok, progress=False)
         rows[arm] = {"nll": token_nll(model, windows), "seconds": time.perf_counter() - t}
-        _progress(arm, rows[arm], args.save, rows)
+        _progress(arm, rows[arm], args.save, rows, settings)
         del model
 
-    for arm in [a for a in args.ours.split(",") if a]:
+    for arm in [a for a in args.ours.split(",") if a and a not in rows]:
         run_ours(arm)
-    ref: dict[str, dict] = {}
-    if not args.skip_reference:
+    ref: dict[str, dict] = {k.removeprefix("llm-compressor "): v for k, v in reused.items()
+                            if k.startswith("llm-compressor ")}
+    if not args.skip_reference and any(m not in ref for m in args.methods.split(",") if m):
         py = Path(args.venv).absolute() / "bin" / "python"
         if not py.exists():
             print(f"bench_reference: error: no llm-compressor environment at {args.venv}: run "
                   "bash scripts/setup-llmcompressor.sh (or pass --venv DIR, or --skip-reference)", file=sys.stderr)
             return 2
         with tempfile.TemporaryDirectory() as tmp:
-            spec = {"model": str(builtin_model_dir()), "methods": args.methods.split(","), "bits": args.bits,
+            spec = {"model": str(builtin_model_dir()), "methods": [m for m in args.methods.split(",") if m not in ref],
+                    "bits": args.bits,
                     "group_size": args.group_size, "calibration": calib, "eval": windows,
                     "threads": args.threads, "output": os.path.join(tmp, "out.json")}
             Path(tmp, "spec.json").write_text(json.dumps(spec))
@@ -163,12 +182,12 @@ def main(argv=None) -> int:
             subprocess.run([str(py), os.path.abspath(__file__), "--worker", os.path.join(tmp, "spec.json")],
                            env=env, cwd=tmp, stdout=sys.stderr)
             if Path(tmp, "out.json").exists():
-                ref = json.loads(Path(tmp, "out.json").read_text())
+                ref.update(json.loads(Path(tmp, "out.json").read_text()))
 
     for m, r in ref.items():
         rows[f"llm-compressor {m}"] = r
-        _progress(f"llm-compressor {m}", r, args.save, rows)
-    for arm in [a for a in args.ours_after.split(",") if a]:
+        _progress(f"llm-compressor {m}", r, args.save, rows, settings)
+    for arm in [a for a in args.ours_after.split(",") if a and a not in rows]:
         run_ours(arm)
 
     if not rows:
