@@ -79,7 +79,8 @@ def decode_seconds(model, ids, factory, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def decode_speed(model, tokenizer, arms: dict, report, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+def decode_speed(model, tokenizer, arms: dict, report, prompt_tokens: int, new_tokens: int, rounds: int,
+                 on_round=None) -> dict:
     """Greedy decode tokens/s per arm, measured round-robin with the dense cache so that machine load
     hits every arm alike; the ratio to the dense cache is taken within each round, then the median."""
     text = open(__file__).read()   # a few hundred tokens of ordinary text
@@ -88,17 +89,20 @@ def decode_speed(model, tokenizer, arms: dict, report, prompt_tokens: int, new_t
     decode_seconds(model, ids, None, 4)   # warm-up
     times = {n: [] for n in arms}
     ratios = {n: [] for n in arms}
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         dense = decode_seconds(model, ids, None, new_tokens)
         for n, f in factories.items():
             t = dense if f is None else decode_seconds(model, ids, f, new_tokens)
             times[n].append(t)
             ratios[n].append(dense / t)
-    return {"prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens, "rounds": rounds,
-            "threads": torch.get_num_threads(),
-            "arms": {n: {"tok_s_median": new_tokens / statistics.median(times[n]),
-                         "vs_dense_median": statistics.median(ratios[n]),
-                         "vs_dense_min": min(ratios[n]), "vs_dense_max": max(ratios[n])} for n in arms}}
+        out = {"prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens, "rounds": done,
+               "threads": torch.get_num_threads(),
+               "arms": {n: {"tok_s_median": new_tokens / statistics.median(times[n]),
+                            "vs_dense_median": statistics.median(ratios[n]),
+                            "vs_dense_min": min(ratios[n]), "vs_dense_max": max(ratios[n])} for n in arms}}
+        if on_round is not None:   # a run cut short keeps the rounds it finished
+            on_round(out)
+    return out
 
 
 def delta(a: dict, b: dict, task: str) -> tuple[float, float]:
@@ -232,10 +236,12 @@ def main(argv=None) -> int:
         if args.speed_rounds > 0:
             t0 = time.perf_counter()
             old = json.loads(speed_path.read_text())["arms"] if speed_path.exists() else {}
+
+            def save(speed):
+                speed["arms"] = {**{n: v for n, v in old.items() if n not in speed["arms"]}, **speed["arms"]}
+                atomic_write_json(speed_path, speed)
             speed = decode_speed(model, tokenizer, {"fp": None, **{n: c for n, c in configs.items() if c}}, report,
-                                 args.speed_prompt, args.speed_new, args.speed_rounds)
-            speed["arms"] = {**{n: v for n, v in old.items() if n not in speed["arms"]}, **speed["arms"]}
-            atomic_write_json(speed_path, speed)
+                                 args.speed_prompt, args.speed_new, args.speed_rounds, on_round=save)
             print(f"decode speed ({time.perf_counter() - t0:.0f} s): " + ", ".join(
                 f"{n} {v['vs_dense_median']:.2f}x" for n, v in speed["arms"].items()), flush=True)
     atomic_write_json(meta_path, meta)

@@ -64,7 +64,10 @@ def test_decode_speed_ratios_per_round():
 
     cfg = {"bits": 2, "protect": "none", "group_size": 16, "residual": 8, "sink": 0, "axis": "channel", "seed": 0,
            "backend": "mvquant"}
-    out = kv.decode_speed(model, tokenizer, {"fp": None, "kv2": cfg}, None, prompt_tokens=40, new_tokens=4, rounds=2)
+    seen = []
+    out = kv.decode_speed(model, tokenizer, {"fp": None, "kv2": cfg}, None, prompt_tokens=40, new_tokens=4, rounds=2,
+                          on_round=lambda r: seen.append(r["rounds"]))
+    assert seen == [1, 2]
     assert out["prompt_tokens"] == 40 and out["rounds"] == 2
     assert out["arms"]["fp"]["vs_dense_median"] == 1.0
     a = out["arms"]["kv2"]
