@@ -9,7 +9,13 @@ same tokens. Prints perplexity (± standard error of the mean NLL) and each arm'
 difference to llm-compressor's run of the same method.
 
     bash scripts/setup-llmcompressor.sh
-    python benchmarks/bench_reference.py                 # ~15 min on 2 cores
+    python benchmarks/bench_reference.py --methods gptq --ours gptq --ours-after rtn --calib-samples 16
+    python benchmarks/bench_reference.py --methods awq --ours awq --ours-after rtn --calib-samples 16 --save awq.json
+
+Each AWQ arm re-runs the attention block / MLP at 20 grid points per layer: ~35 min per side on a
+loaded 2-core machine at 16 x 256 calibration tokens. `--save` keeps every finished arm's per-token
+NLLs; `--reuse` that file in a later run (same settings) to add arms without recomputing those.
+llm-compressor's AWQModifier runs on CPU here with its input pinning skipped (it needs an accelerator).
 """
 from __future__ import annotations
 
