@@ -22,7 +22,11 @@ SUITE_ALIASES = ("all", "mvquant", "mvquant_suite")
 # precision says nothing about what quantization keeps. They are reported, not tuned until they pass.
 # Measured: evals/results/<model>/tasks.md. Keys are built-in model names (checkpoints quantized from
 # one inherit its entry through their calibration report's model).
-NEAR_CHANCE_AT_FULL_PRECISION: dict[str, dict[str, str]] = {}
+NEAR_CHANCE_AT_FULL_PRECISION: dict[str, dict[str, str]] = {
+    # a base model: after "What is the pass key? The pass key is" it defines the word ("the number that
+    # is used to unlock the door...") instead of copying the key; at 256/512 tokens it copies (62%/100%)
+    "gemma3-270m": {"passkey_128": "0/40 at full precision (95% CI 0-8.8%), chance 0%"},
+}
 NEAR_CHANCE_MARGIN = 0.05
 
 
