@@ -31,29 +31,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MvquantError
+from ..quantization import config as qconfig
 
-# method -> the weight bit widths it supports (None: no quantization, the model as loaded).
-METHOD_BITS: dict[str, tuple[int, ...] | None] = {
-    "none": None,
-    "rtn": (2, 3, 4, 8),
-    "awq": (2, 3, 4, 8),
-    "gptq": (2, 3, 4, 8),
-    "smoothquant": (8,),   # W8A8
-    "bnb-nf4": (4,),
-    "bnb-int8": (8,),
-}
-# Methods whose quantizer takes a group size and a protection policy (bnb has its own fixed layout).
-GROUPED_METHODS = ("rtn", "awq", "gptq")
-PROTECTABLE_METHODS = ("rtn", "awq", "gptq", "smoothquant")
+# The quantizer's rules (quantization/config.py), checked here too so that errors name the recipe key.
+# method -> the weight bit widths it supports ("none": no quantization, the model as loaded).
+METHOD_BITS: dict[str, tuple[int, ...] | None] = {"none": None, **qconfig.METHOD_BITS}
+GROUPED_METHODS = qconfig.GROUPED_METHODS
+PROTECTABLE_METHODS = qconfig.PROTECTABLE_METHODS
 DISRUPTIONS = ("none", "massive", "non-massive")
-PROTECT_RE = re.compile(r"^(massive|none|random|topk:[1-9][0-9]*)$")
+PROTECT_RE = re.compile(f"^({qconfig.PROTECT_PATTERN})$")
 PROTECT_ALLOWED = "massive | none | random | topk:N"
 
 RECIPE_KEYS = ("name", "description", "model", "dtype", "seed", "calibration", "tasks", "limit",
                "defaults", "quick", "arms", "contrasts")
 KV_KEYS = ("kv_bits", "kv_protect", "kv_group_size", "kv_residual", "kv_sink", "kv_axis", "kv_backend")
 ARM_KEYS = ("name", "method", "bits", "group_size", "protect", "disrupt", "top_k", "seed", "options") + KV_KEYS
-DEFAULT_GROUP_SIZE = 128   # QuantConfig's default, written out so that it is part of the arm's cache key
+DEFAULT_GROUP_SIZE = qconfig.QuantConfig.group_size   # written out so that it is part of the arm's cache key
 CALIBRATION_KEYS = ("samples", "seq_len", "lambda", "top_k", "data", "batch_size")
 QUICK_KEYS = ("limit", "calibration", "arms", "tasks")
 CALIBRATION_DEFAULTS = {"samples": 32, "seq_len": 512, "lambda": 5.0, "top_k": None, "data": "python-docs",

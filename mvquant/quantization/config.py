@@ -7,9 +7,14 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import MvquantError
 
-METHODS = ("rtn", "awq", "smoothquant", "gptq", "bnb-nf4", "bnb-int8")
 BITS = (2, 3, 4, 8)
+# The rules every front end checks against (QuantConfig.validate, compare recipes): one place.
+METHOD_BITS = {"rtn": BITS, "awq": BITS, "gptq": BITS, "smoothquant": (8,), "bnb-nf4": (4,), "bnb-int8": (8,)}
+METHODS = tuple(METHOD_BITS)
+GROUPED_METHODS = ("rtn", "awq", "gptq")          # take a group size; bnb has its own layout, SmoothQuant per row
+PROTECTABLE_METHODS = ("rtn", "awq", "gptq", "smoothquant")
 POLICIES = ("massive", "none", "random")          # plus "topk:N"
+PROTECT_PATTERN = r"massive|none|random|topk:[1-9][0-9]*"
 COMPUTE = ("auto", "dequant")
 STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Every nn.Linear inside the decoder layers; lm_head and embeddings stay as they are.
@@ -109,9 +114,8 @@ class QuantConfig:
         p = str(self.protect)
         if p in POLICIES:
             return p, None
-        m = re.fullmatch(r"topk:(\d+)", p)
-        if m and int(m.group(1)) > 0:
-            return "topk", int(m.group(1))
+        if re.fullmatch(PROTECT_PATTERN, p):
+            return "topk", int(p.split(":")[1])
         raise MvquantError(f"unknown protection policy '{p}': use massive, none, random or topk:N (N >= 1)")
 
     @property
