@@ -76,10 +76,10 @@ def _layer_class(backend: str):
 
 
 def hf_quantized_cache(backend: str, num_layers: int, *, bits: int, group_size: int, residual: int):
-    """A transformers QuantizedCache of `num_layers` layers of the backend's (adjusted) layer class."""
+    """A transformers QuantizedCache of `num_layers` layers of the backend's (adjusted) layer class.
+    The backend's package is checked once, by KVCacheFactory, not on every fresh cache."""
     from transformers.cache_utils import Cache, QuantizedCache
 
-    require_backend(backend)
     axis = BACKENDS[backend][1]
     cls = _layer_class(backend)
     layers = [cls(nbits=bits, axis_key=axis, axis_value=axis, q_group_size=group_size, residual_length=residual)
