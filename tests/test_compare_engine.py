@@ -223,3 +223,26 @@ def test_real_arm_runner_keys_on_the_method_revision():
     ids = {a.name: ModelArmRunner.cache_id(a) for a in recipe.arms}
     assert ids == {"fp": "mvquant", "rtn-w4": f"mvquant/rtn-r{METHOD_REVISION['rtn']}",
                    "mv-w3": f"mvquant/rtn-r{METHOD_REVISION['rtn']}"}
+
+
+def test_tasks_near_chance_on_the_recipes_model_stay_in_results_but_leave_group_means(tmp_path, monkeypatch):
+    from mvquant.evaluation import tasks as T
+
+    monkeypatch.setitem(T.NEAR_CHANCE_AT_FULL_PRECISION, "smollm2-135m", {"squad": "0/40 at fp, chance 0%"})
+    run(tmp_path, recipe_data(model="smollm2-135m"))
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert {r["task"]: r["excluded"] for r in rows if r["method"] == "fp"} == {
+        "passkey": "", "squad": "0/40 at fp, chance 0%", "facts": ""}
+    acc = {(r["method"], r["task"]): float(r["acc"]) for r in rows}
+    groups = {(g["method"], g["group"]): g for g in read_csv(tmp_path / "out" / "groups.csv")}
+    for method in ("fp", "rtn-w4", "mv-w3"):
+        ctx = groups[(method, "contextual")]
+        assert int(ctx["tasks"]) == 1 and float(ctx["acc"]) == pytest.approx(acc[(method, "passkey")])
+    means = [c for c in read_csv(tmp_path / "out" / "contrasts.csv") if c["task"] == "contextual (mean)"]
+    assert means and all(float(c["diff"]) == pytest.approx(acc[(c["method"], "passkey")] - acc[(c["baseline"], "passkey")])
+                         for c in means)
+    assert "Left out of the group means" in (tmp_path / "out" / "results.md").read_text()
+    # another model's recipe keeps every task in its means
+    run(tmp_path / "other", recipe_data(model="tiny"))
+    groups = read_csv(tmp_path / "other" / "out" / "groups.csv")
+    assert all(int(g["tasks"]) == 2 for g in groups if g["group"] == "contextual")

@@ -29,6 +29,8 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from ..errors import MvquantError
+from ..evaluation.runner import base_model_name
+from ..evaluation.tasks import excluded_tasks
 from ..io import atomic_write_json
 from .recipe import Arm, Recipe, stable_hash
 
@@ -265,6 +267,7 @@ def run_cells(recipe: Recipe, out: OutputDir, *, arm_runner: ArmRunner, task_run
     log(f"compare: {computed} cell(s) computed in {time.perf_counter() - t_start:.1f} s")
 
     rows = []
+    excluded = excluded_tasks(base_model_name(recipe.model))
     for arm in recipe.arms:
         info = arm_infos.get(arm.name, {})
         for cell in all_cells[arm.name]:
@@ -272,11 +275,13 @@ def run_cells(recipe: Recipe, out: OutputDir, *, arm_runner: ArmRunner, task_run
             if r is None:
                 raise MvquantError(f"cell {arm.name} x {cell.task} is missing from {cell.path.parent} after the run: "
                                    "rerun the same command to compute it")
-            rows.append(make_row(recipe, arm, cell.task, r, info))
+            rows.append(make_row(recipe, arm, cell.task, r, info, excluded=excluded.get(cell.task)))
     return {"rows": rows, "arms": arm_infos, "computed": computed, "cached": cached_before, "total": total}
 
 
-def make_row(recipe: Recipe, arm: Arm, task: str, result: dict, info: dict) -> dict:
+def make_row(recipe: Recipe, arm: Arm, task: str, result: dict, info: dict, *, excluded: str | None = None) -> dict:
+    """One results.csv row. `excluded`: why the task is left out of the group means (near chance at full
+    precision on the recipe's model), or None."""
     size = info.get("size_bytes")
     return {
         "method": arm.name, "task": task, "group": recipe.task_groups[task],
@@ -286,5 +291,6 @@ def make_row(recipe: Recipe, arm: Arm, task: str, result: dict, info: dict) -> d
         "disrupt": arm.disrupt, "bits_per_weight": info.get("bits_per_weight"),
         "size_mb": None if size is None else round(size / 2**20, 3),
         "prepare_s": info.get("prepare_s"), "eval_s": result.get("eval_s"), "limit": result.get("limit"),
+        "excluded": excluded,
         "correct": result.get("correct"),   # per-item scores (not a CSV column): paired contrasts
     }

@@ -10,7 +10,7 @@ from ..evaluation.stats import macro_average, paired_difference
 from ..io import atomic_write_bytes
 
 RESULT_COLUMNS = ["method", "task", "group", "acc", "stderr", "n", "ci95_lo", "ci95_hi", "chance", "quant_method", "bits", "group_size", "protect",
-                  "disrupt", "bits_per_weight", "size_mb", "prepare_s", "eval_s", "limit"]
+                  "disrupt", "bits_per_weight", "size_mb", "prepare_s", "eval_s", "limit", "excluded"]
 GROUP_COLUMNS = ["method", "group", "acc", "stderr", "tasks", "n"]
 CONTRAST_COLUMNS = ["method", "baseline", "task", "group", "diff", "stderr", "ci95_lo", "ci95_hi", "n"]
 Z95 = 1.959964
@@ -24,10 +24,16 @@ def group_mean(accs: list[float], stderrs: list[float | None]) -> tuple[float, f
     return macro_average(accs, stderrs)
 
 
+def in_group_mean(row: dict) -> bool:
+    """Tasks near chance at full precision on the recipe's model (row['excluded'] says why) stay in
+    every table but out of group means and group-level contrasts."""
+    return not row.get("excluded")
+
+
 def group_rows(rows: list[dict]) -> list[dict]:
     """Per (method, group): the mean accuracy over the group's tasks, in the order rows first show them."""
     order: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
+    for r in filter(in_group_mean, rows):
         order.setdefault((r["method"], r["group"]), []).append(r)
     out = []
     for (method, group), rs in order.items():
@@ -53,11 +59,11 @@ def contrast_rows(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
                 break
             d, se = paired_difference(a["correct"], b["correct"])
             per_task.append({"method": method, "baseline": baseline, "task": t, "group": a["group"], "diff": d,
-                             "stderr": se, "n": len(a["correct"])})
+                             "stderr": se, "n": len(a["correct"]), "excluded": a.get("excluded")})
         if not per_task:
             continue
         groups: dict[str, list[dict]] = {}
-        for r in per_task:
+        for r in filter(in_group_mean, per_task):
             groups.setdefault(r["group"], []).append(r)
         for g, rs in groups.items():
             d, se = group_mean([r["diff"] for r in rs], [r["stderr"] for r in rs])
@@ -117,6 +123,10 @@ def markdown(rows: list[dict], groups: list[dict], *, title: str = "", arm_infos
     ns = {t: next(r["n"] for r in rows if r["task"] == t) for t in tasks}
     lines += ["", "acc ± standard error; group means are unweighted over tasks. Examples per task: "
               + ", ".join(f"{t} {n}" for t, n in ns.items()) + "."]
+    left_out = {r["task"]: r["excluded"] for r in rows if not in_group_mean(r)}
+    if left_out:
+        lines += ["", "Left out of the group means (near chance at full precision on this model): "
+                  + "; ".join(f"{t} ({why})" for t, why in left_out.items()) + "."]
     if arm_infos:
         def sec(v):
             return "" if v is None else f"{v:.1f}"
