@@ -177,3 +177,23 @@ def test_quick_may_narrow_the_tasks():
     assert r.limits == {"squad": 3, "facts": 3}
     with pytest.raises(MvquantError, match="\\(quick\\): unknown task or group 'nope'"):
         parse_recipe(base(quick={"tasks": ["nope"]}), catalog=CATALOG)
+
+
+def test_gemma_recipes_mirror_the_smollm2_ones():
+    """The Gemma 3 270M experiments run the same arms as SmolLM2's (Table 1 adds a top-4 pair), with a
+    group size that divides its widths (640, 2048) and is not the Q4_K sub-block of 32."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "recipes"
+
+    def arms(name):
+        return {(a.name, a.method, a.bits, a.protect, a.disrupt, a.top_k, a.group_size)
+                for a in load_recipe(root / f"{name}.yaml").arms}
+
+    for name in ("gemma3-270m-figure5", "gemma3-270m-table1"):
+        for quick in (False, True):
+            r = load_recipe(root / f"{name}.yaml", quick=quick)
+            assert r.model == "gemma3-270m" and {r.task_groups[t] for t in r.tasks} == {"contextual", "parametric"}
+            assert all(a.group_size is None or (a.group_size != 32 and 640 % a.group_size == 0) for a in r.arms)
+    assert arms("gemma3-270m-figure5") == arms("figure5")
+    table1 = arms("gemma3-270m-table1")
+    assert arms("table1") < table1 and {a[5] for a in table1 if a[4] != "none"} == {1, 4}
