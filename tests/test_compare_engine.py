@@ -152,6 +152,16 @@ def test_changed_arm_recomputes_only_itself(tmp_path):
     # the same recipe again is accepted without flags and computes nothing
     again, _, tasks2 = run(tmp_path, changed)
     assert again.computed == 0 and tasks2.calls == []
+    # --prune: the old mv-w3 (w3) arm and its cells go; what the recipe uses stays byte for byte
+    out = tmp_path / "out"
+    assert len(list((out / "arms").iterdir())) == 4
+    kept = {p: p.read_bytes() for d in ("arms", "cells") for p in (out / d).rglob("*.json")}
+    pruned, _, tasks3 = run(tmp_path, changed, prune=True)
+    assert pruned.computed == 0 and tasks3.calls == []
+    left = {p: p.read_bytes() for d in ("arms", "cells") for p in (out / d).rglob("*.json")}
+    assert len(list((out / "arms").iterdir())) == 3 and len(list((out / "cells").iterdir())) == 3
+    assert len(left) == 3 + 9 and all(kept[p] == b for p, b in left.items())
+    assert read_csv(out / "results.csv") == rows
 
 
 def test_refusals_leave_the_directory_untouched_and_force_starts_over(tmp_path):

@@ -26,12 +26,13 @@ class CompareResult:
 
 
 def compare(recipe: str | os.PathLike | Recipe, output: str | os.PathLike, *, quick: bool = False,
-            force: bool = False, resume: bool = False, progress: bool = True, arm_runner=None, task_runner=None,
-            catalog: dict[str, list[str]] | None = None, log=None) -> CompareResult:
+            force: bool = False, resume: bool = False, prune: bool = False, progress: bool = True, arm_runner=None,
+            task_runner=None, catalog: dict[str, list[str]] | None = None, log=None) -> CompareResult:
     """Run a recipe into `output` (a directory), reusing whatever cells it already holds.
 
     An output dir that holds another recipe's results is refused unless `resume` (reuse the cells
-    that still match) or `force` (discard them). `arm_runner` / `task_runner` default to the real
+    that still match) or `force` (discard them). `prune`: once every cell is computed, remove the
+    cached arms and cells the recipe no longer uses. `arm_runner` / `task_runner` default to the real
     quantize / evaluate path (see runners.py); tests inject small ones.
     """
     if not isinstance(recipe, Recipe):
@@ -52,6 +53,9 @@ def compare(recipe: str | os.PathLike | Recipe, output: str | os.PathLike, *, qu
         (log or print)(f"compare: '{output}' held another recipe; reusing the cells that still match")
     out.write_manifest()
     done = run_cells(recipe, out, arm_runner=arm_runner, task_runner=task_runner, progress=progress, log=log)
+    if prune:
+        removed = out.prune()
+        (log or print)(f"compare: pruned {len(removed)} cached arm(s)/cell(s) the recipe no longer uses")
     title = f"{recipe.name} ({recipe.model}{', quick' if recipe.quick else ''})"
     files = write_outputs(out.root, done["rows"], title=title, arm_infos=done["arms"], contrasts=recipe.contrasts)
     return CompareResult(rows=done["rows"], groups=group_rows(done["rows"]), files=files, computed=done["computed"],

@@ -148,6 +148,21 @@ class OutputDir:
         for f in (MANIFEST, *OUTPUT_FILES):
             (self.root / f).unlink(missing_ok=True)
 
+    def prune(self) -> list[Path]:
+        """--prune: remove cached arms and cells this recipe no longer uses (an arm changed, a method's
+        revision moved on, a task or limit changed). Returns what was removed."""
+        arms = {self.arm_key(arm) for arm in self.recipe.arms}
+        cells = {c.path for arm in self.recipe.arms for c in self.cells(arm)}
+        removed = []
+        for d in ("arms", "cells"):
+            for entry in sorted((self.root / d).glob("*")):
+                stale = [entry] if entry.name not in arms else (
+                    [f for f in sorted(entry.iterdir()) if f not in cells] if d == "cells" else [])
+                for path in stale:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    removed.append(path)
+        return removed
+
     def write_manifest(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / MANIFEST, {"format": FORMAT, "fingerprint": self.recipe.fingerprint(),
