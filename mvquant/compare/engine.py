@@ -153,15 +153,12 @@ class OutputDir:
         revision moved on, a task or limit changed). Returns what was removed."""
         arms = {self.arm_key(arm) for arm in self.recipe.arms}
         cells = {c.path for arm in self.recipe.arms for c in self.cells(arm)}
-        removed = []
-        for d in ("arms", "cells"):
-            for entry in sorted((self.root / d).glob("*")):
-                stale = [entry] if entry.name not in arms else (
-                    [f for f in sorted(entry.iterdir()) if f not in cells] if d == "cells" else [])
-                for path in stale:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                    removed.append(path)
-        return removed
+        stale = [d for d in sorted((self.root / "arms").glob("*")) if d.name not in arms]
+        for d in sorted((self.root / "cells").glob("*")):   # a live arm's folder may hold old cells
+            stale += [d] if d.name not in arms else [f for f in sorted(d.iterdir()) if f not in cells]
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return stale
 
     def write_manifest(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
