@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-prompt", type=int, default=384, help="prompt tokens before decoding")
     p.add_argument("--speed-new", type=int, default=64, help="greedy decode steps timed")
     p.add_argument("--speed-only", action="store_true", help="only measure decode speed (no task evaluation)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--render", action="store_true", help="only re-write kv.md from the saved arms")
     args = p.parse_args(argv)
     names = arm_names([int(b) for b in args.bits.split(",")], args.axes.split(","), args.protects.split(","),
@@ -208,9 +209,12 @@ def main(argv=None) -> int:
     arms_dir.mkdir(parents=True, exist_ok=True)
     meta_path = args.output_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"arms": []}
-    if not args.render and meta.get("arms") and (meta.get("limit"), meta.get("tasks")) != (args.limit, args.tasks):
-        raise SystemExit(f"evals/kv.py: error: {args.output_dir} holds arms made with --tasks {meta.get('tasks')} "
-                         f"--limit {meta.get('limit')}: use another --output-dir")
+    settings = {"tasks": args.tasks, "limit": args.limit, "group_size": args.group_size, "residual": args.residual,
+                "sink": args.sink}
+    stale = {k: meta.get(k) for k, v in settings.items() if k in meta and meta[k] != v}
+    if not args.render and meta.get("arms") and stale:   # a saved arm is skipped only if made the same way
+        raise SystemExit(f"evals/kv.py: error: {args.output_dir} holds arms made with "
+                         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in stale.items()) + ": use another --output-dir")
     if not args.render:
         meta.update({"model": args.model, "limit": args.limit, "tasks": args.tasks, "group_size": args.group_size,
                      "residual": args.residual, "sink": args.sink, "calibration": args.calibration})
@@ -220,7 +224,7 @@ def main(argv=None) -> int:
     speed_path = args.output_dir / "speed.json"
     if not args.render:
         atomic_write_json(meta_path, meta)
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
         model, tokenizer = load_model(args.model)
         report = load_report(args.calibration)
         for name in [] if args.speed_only else names:

@@ -72,3 +72,12 @@ def test_decode_speed_ratios_per_round():
     assert out["arms"]["fp"]["vs_dense_median"] == 1.0
     a = out["arms"]["kv2"]
     assert a["vs_dense_min"] <= a["vs_dense_median"] <= a["vs_dense_max"] and a["tok_s_median"] > 0
+
+
+def test_a_saved_run_with_other_cache_settings_is_not_reused(tmp_path):
+    """Saved arms are skipped on a rerun, so a rerun with another residual must be refused, not mixed in."""
+    (tmp_path / "meta.json").write_text('{"arms": ["fp"], "tasks": "contextual", "limit": 12, "group_size": 32, '
+                                        '"residual": 32, "sink": 0}')
+    with pytest.raises(SystemExit, match="--residual 32: use another --output-dir"):
+        kv.main(["--output-dir", str(tmp_path), "--tasks", "contextual", "--limit", "12", "--residual", "0",
+                 "--calibration", "x.json", "--arms", "fp"])
