@@ -131,6 +131,12 @@ def contrasts(names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def group_cell(diff: float, stderr: float) -> str:
+    """A group contrast in points; bold when it is more than two standard errors from zero."""
+    mark = "**" if abs(diff) > 2 * stderr else ""
+    return f"{mark}{100 * diff:+.1f}{mark} ± {100 * stderr:.1f}"
+
+
 def render(results: dict, meta: dict, speed: dict | None = None) -> str:
     names = [n for n in meta["arms"] if n in results]
     tasks = list(results[names[0]]["tasks"])
@@ -143,7 +149,8 @@ def render(results: dict, meta: dict, speed: dict | None = None) -> str:
              f"n = {meta['limit']} items per task (the first n of each bundled task), log-likelihood scoring; "
              f"group size {meta['group_size']}, residual {meta['residual']} tokens, sink {meta['sink']}; K quantized "
              "after RoPE; every attention read (the prompt's own included) sees the quantized cache. "
-             "± is one standard error; Δ are paired differences on the same items. "
+             "± is one standard error; Δ are paired differences on the same items (bold: more than two standard errors "
+             "from zero). "
              "kv* arms are mvquant's cache; quanto*/hqq* arms are transformers' QuantizedCache (K and V grouped "
              "along channels per token, the whole prompt quantized, see mvquant/kvcache/hf.py). "
              "B/token: steady-state cache bytes per token over all layers, codes packed and fp16 scales, "
@@ -170,8 +177,7 @@ def render(results: dict, meta: dict, speed: dict | None = None) -> str:
     for a, b in contrasts(names):
         ra, rb = results[a], results[b]
         cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
-        gs = ["**{:+.1f}** ± {:.1f}".format(*(100 * x for x in group_delta(ra, rb, ts))) if ts else "-"
-              for ts in groups.values()]
+        gs = [group_cell(*group_delta(ra, rb, ts)) if ts else "-" for ts in groups.values()]
         lines.append(f"| {a} − {b} | " + " | ".join(cells + gs) + " |")
     return "\n".join(lines) + "\n"
 

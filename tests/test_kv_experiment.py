@@ -52,7 +52,10 @@ def test_contrasts_and_rendered_paired_differences():
     md = kv.render(results, {"arms": list(results), "model": "m", "command": "c", "limit": 4, "group_size": 32,
                              "residual": 32, "sink": 0}, speed)
     # massive - none on passkey: +1 on one item of four = +25.0, stderr of (0,1,0,0) = 25.0
-    assert "| kv2-channel-massive − kv2-channel-none | +25.0 ± 25.0 | -25.0 ± 25.0 | **+25.0** ± 25.0 |" in md
+    # one standard error from zero: not bold (bold marks more than two)
+    assert "| kv2-channel-massive − kv2-channel-none | +25.0 ± 25.0 | -25.0 ± 25.0 | +25.0 ± 25.0 |" in md
+    assert "| kv2-channel-none − fp | -50.0 ± 28.9 | +0.0 ± 0.0 | -50.0 ± 28.9 |" in md
+    assert kv.group_cell(-0.3, 0.1) == "**-30.0** ± 10.0" and kv.group_cell(0.0, 0.0) == "+0.0 ± 0.0"
     assert "0.50x (0.40-0.60)" in md and "100 B (20.0%)" in md
 
 
