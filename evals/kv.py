@@ -222,8 +222,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"evals/kv.py: error: {args.output_dir} holds arms made with "
                          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in stale.items()) + ": use another --output-dir")
     if not args.render:
-        meta.update({"model": args.model, "limit": args.limit, "tasks": args.tasks, "group_size": args.group_size,
-                     "residual": args.residual, "sink": args.sink, "calibration": args.calibration})
+        meta.update({"model": args.model, **settings, "calibration": args.calibration})
         key = "speed_command" if args.speed_only else "command"
         meta[key] = "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
