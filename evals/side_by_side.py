@@ -12,6 +12,7 @@ import csv
 import sys
 from pathlib import Path
 
+from mvquant.compare.outputs import excludes_zero, is_group_contrast
 from mvquant.io import atomic_write_text
 
 GROUPS = ("contextual", "parametric")
@@ -26,7 +27,7 @@ def read_run(folder: Path) -> dict:
     with open(folder / "groups.csv") as f:
         groups = list(csv.DictReader(f))
     with open(folder / "contrasts.csv") as f:
-        contrasts = [r for r in csv.DictReader(f) if r["task"].endswith("(mean)")]
+        contrasts = [r for r in csv.DictReader(f) if is_group_contrast(r)]
     arms = list(dict.fromkeys(r["method"] for r in groups))
     return {"arms": arms,
             "groups": {(r["method"], r["group"]): r for r in groups},
@@ -43,7 +44,7 @@ def contrast_cell(row: dict | None) -> str:
     if row is None:
         return "-"
     d, lo, hi = (100 * float(row[k]) for k in ("diff", "ci95_lo", "ci95_hi"))
-    sign = "**" if lo > 0 or hi < 0 else ""          # bold: the 95% interval excludes zero
+    sign = "**" if excludes_zero(lo, hi) else ""
     return f"{sign}{d:+.1f}{sign} [{lo:+.1f}, {hi:+.1f}]"
 
 

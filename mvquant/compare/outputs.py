@@ -43,6 +43,18 @@ def group_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+GROUP_ROW = " (mean)"   # a contrast row whose task is "<group> (mean)" is the group-level difference
+
+
+def is_group_contrast(row: dict) -> bool:
+    return row["task"].endswith(GROUP_ROW)
+
+
+def excludes_zero(lo: float, hi: float) -> bool:
+    """Whether a 95% interval [lo, hi] excludes zero (how results mark a contrast as significant)."""
+    return lo > 0 or hi < 0
+
+
 def contrast_rows(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
     """Per (method, baseline) pair: the paired accuracy difference per task (same items, per-item
     scores), and per group the unweighted mean over tasks with se = sqrt(sum se^2) / k.
@@ -67,7 +79,7 @@ def contrast_rows(rows: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
             groups.setdefault(r["group"], []).append(r)
         for g, rs in groups.items():
             d, se = group_mean([r["diff"] for r in rs], [r["stderr"] for r in rs])
-            per_task.append({"method": method, "baseline": baseline, "task": f"{g} (mean)", "group": g, "diff": d,
+            per_task.append({"method": method, "baseline": baseline, "task": f"{g}{GROUP_ROW}", "group": g, "diff": d,
                              "stderr": se, "n": sum(r["n"] for r in rs)})
         for r in per_task:
             r["ci95_lo"], r["ci95_hi"] = r["diff"] - Z95 * r["stderr"], r["diff"] + Z95 * r["stderr"]
@@ -79,9 +91,9 @@ def contrasts_markdown(contrasts: list[dict]) -> str:
     """Group-level paired differences, with 95% intervals and whether the interval excludes zero."""
     lines = ["| method | vs | group | Δ acc | 95% CI | excludes 0 |", "|---|---|---|---:|---|---|"]
     for c in contrasts:
-        if not c["task"].endswith("(mean)"):
+        if not is_group_contrast(c):
             continue
-        sign = "yes" if c["ci95_lo"] > 0 or c["ci95_hi"] < 0 else "no"
+        sign = "yes" if excludes_zero(c["ci95_lo"], c["ci95_hi"]) else "no"
         lines.append(f"| {c['method']} | {c['baseline']} | {c['group']} | {c['diff']:+.3f} | "
                      f"[{c['ci95_lo']:+.3f}, {c['ci95_hi']:+.3f}] | {sign} |")
     return "\n".join(lines) + "\n"
