@@ -7,20 +7,25 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import MvquantError
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool = False, kind: str = "file",
-                      need_bytes: int = 0, make_parents: bool = False, reuse: bool = False) -> Path:
+                      need_bytes: int = 0, make_parents: bool = False, reuse: bool = False,
+                      inputs: Iterable = (), marker: str | None = None) -> Path:
     """Validate an output path before any work is done, so a long run cannot fail at the end.
 
     kind: "file" or "dir". make_parents: missing parent directories will be created (only the
     nearest existing one must be writable). reuse: an existing directory is written into (compare's
     cache), not replaced. need_bytes: free space the output needs (e.g. a checkpoint's estimate).
+    inputs: what the command reads (model, checkpoint, report): never replaced, --force or not.
+    marker: for a directory output, the file mvquant writes last into every output of this kind (with
+    a "files" listing): --force replaces only a directory that carries it and holds nothing else.
     """
     path = Path(path)
+    check_not_an_input(path, inputs, replacing=not reuse)
     if not reuse and (path.name in ("", ".", "..") or _contains_cwd(path)):
         raise MvquantError(f"--output '{path}' is the current directory or one of its parents: name a new "
                            f"{'directory' if kind == 'dir' else 'file'} instead, e.g. --output "
@@ -38,6 +43,8 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False, kind: str
         raise MvquantError(f"'{path}' is a directory: --output needs a file path")
     if path.exists() and kind == "dir" and not path.is_dir():
         raise MvquantError(f"'{path}' is a file: --output needs a directory path")
+    if force and not reuse and kind == "dir" and path.is_dir():
+        check_replaceable(path, marker)
     for d in (parent, path) if path.is_dir() else (parent,):
         if not os.access(d, os.W_OK | os.X_OK):
             raise MvquantError(f"cannot write to '{d}' (read-only file system or no permission): choose another "
@@ -48,6 +55,64 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False, kind: str
             raise MvquantError(f"not enough free space for '{path}': it needs about {_mb(need_bytes)}, "
                                f"'{parent}' has {_mb(free)} free: free some space or choose another --output")
     return path
+
+
+def check_not_an_input(output: Path, inputs: Iterable, *, replacing: bool = True) -> None:
+    """Refuse an output that is one of the command's inputs; when it would replace what is there
+    (`replacing`), also a directory holding an input, or an existing file inside an input directory
+    (a model's config.json, a checkpoint's files)."""
+    out = _resolved(output)
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue                                  # a hub id or a built-in alias: nothing on disk
+        inp = _resolved(Path(given))
+        if out == inp:
+            where = "is"
+        elif replacing and out in inp.parents:
+            where = "contains"
+        elif replacing and output.is_file() and inp in out.parents:
+            where = "is a file inside"
+        else:
+            continue
+        raise MvquantError(f"--output '{output}' {where} the input '{given}': writing there would destroy it; "
+                           "choose another --output")
+
+
+def output_files(root: str | os.PathLike) -> list[str]:
+    """Every file under `root`, as sorted relative POSIX paths: what an output directory holds (its
+    marker records this list, so --force can tell mvquant's files from anything a user added)."""
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def check_replaceable(path: Path, marker: str | None) -> None:
+    """--force on an existing directory: only an earlier mvquant output of the same kind (it carries
+    `marker`) that holds nothing but the files the marker lists. Otherwise refuse, touching nothing."""
+    fix = "choose another --output, or move it away yourself"
+    if marker is None or not (path / marker).is_file():
+        if not any(path.iterdir()):
+            return                                    # an empty directory holds nothing to lose
+        raise MvquantError(f"'{path}' exists and was not written by this mvquant command (no {marker or 'marker'}): "
+                           f"--force only replaces an earlier output of the same kind; {fix}")
+    try:
+        listed = json.loads((path / marker).read_text()).get("files")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        listed = None
+    if not isinstance(listed, (dict, list)):
+        raise MvquantError(f"'{path}/{marker}' does not list the files mvquant wrote (corrupt, or from an older "
+                           f"version): --force cannot tell them from yours; {fix}")
+    foreign = [f for f in output_files(path) if f not in listed and f != marker]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise MvquantError(f"'{path}' holds files mvquant did not write ({shown}): --force replaces only an earlier "
+                           f"mvquant output, never other files; {fix}")
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
 
 
 def _contains_cwd(path: Path) -> bool:
@@ -143,13 +208,15 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, force: bool = False, inputs: Iterable = (),
+                     marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path`, on failure it is removed.
 
-    The old directory (with --force) is only removed once the new one is complete.
+    The old directory (with --force: only an earlier output of this kind, see check_output_path) is
+    only removed once the new one is complete.
     """
     path = Path(path)
-    check_output_path(path, force=force, kind="dir")
+    check_output_path(path, force=force, kind="dir", inputs=inputs, marker=marker)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:

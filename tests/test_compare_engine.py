@@ -181,10 +181,11 @@ def test_refusals_leave_the_directory_untouched_and_force_starts_over(tmp_path):
 def test_unrelated_nonempty_directory_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(MvquantError, match="not empty and holds no compare results"):
-        run(tmp_path)
-    run(tmp_path, force=True)
-    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"   # --force removes only compare's files
+    for force in (False, True):   # --force replaces only an earlier compare run, never a foreign folder
+        with pytest.raises(MvquantError, match="not empty and holds no compare results"):
+            run(tmp_path, force=force)
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     nested, _, _ = run(tmp_path / "missing" / "deeper")   # parents are created
     assert nested.computed == 9 and (tmp_path / "missing" / "deeper" / "out" / "results.csv").is_file()
 

@@ -57,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     from .summary import format_summary
 
     # Validate every output path before the (long) pass, so it cannot fail at the end.
-    check_output_path(args.output, force=args.force)
-    check_output_path(stats_path_for(args.output), force=args.force)
+    inputs = (args.model, args.data)
+    check_output_path(args.output, force=args.force, inputs=inputs)
+    check_output_path(stats_path_for(args.output), force=args.force, inputs=inputs)
     if args.plot:
-        check_output_path(args.plot, force=args.force)
+        check_output_path(args.plot, force=args.force, inputs=inputs)
     if args.plot_layers is not None and not args.plot:
         raise MvquantError("--plot-layers chooses the layers of --plot: add --plot REPORT.png")
     # Settings that need no weights fail now, not after the model loads or the pass ends.

@@ -148,7 +148,7 @@ def save_quantized(model, tokenizer, out_dir, report=None, force: bool = False,
     from ..quantization.config import storage_dtype
     dtype = storage_dtype(qc.get("store_dtype", "float32"), next(model.parameters()).dtype)
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, force=force) as tmp:
+    with atomic_directory(out_dir, force=force, marker=MANIFEST) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         writer.add(_state_dict_for_saving(model, dtype))
         n_tensors, weights = writer.close()

@@ -43,7 +43,8 @@ def compare(recipe: str | os.PathLike | Recipe, output: str | os.PathLike, *, qu
         task_runner = task_runner or EvalTaskRunner()
     if hasattr(arm_runner, "validate"):
         arm_runner.validate(recipe)   # e.g. quantizer settings: fail before the output dir is touched
-    check_output_path(output, kind="dir", make_parents=True, reuse=True, force=True)  # writable, not a file
+    check_output_path(output, kind="dir", make_parents=True, reuse=True, force=True,  # writable, not a file
+                      inputs=(recipe.source, recipe.model))
     out = OutputDir(output, recipe, arm_runner_id=getattr(arm_runner, "cache_id", ""),
                     task_runner_id=getattr(task_runner, "cache_id", ""))
     state = out.check(force=force, resume=resume)

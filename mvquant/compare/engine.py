@@ -120,10 +120,9 @@ class OutputDir:
         if not manifest.is_file():
             if not any(root.iterdir()):
                 return "new"
-            if force:
-                return "force"
-            raise MvquantError(f"output directory '{root}' is not empty and holds no compare results: choose "
-                               "another --output, or pass --force to write into it")
+            # --force discards an earlier compare's results, never a folder compare did not write
+            raise MvquantError(f"output directory '{root}' is not empty and holds no compare results ({MANIFEST}): "
+                               "choose another --output (--force only replaces an earlier compare run)")
         try:
             held = json.loads(manifest.read_text())
         except json.JSONDecodeError:

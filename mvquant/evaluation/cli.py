@@ -119,7 +119,7 @@ def run(args) -> int:
     from .runner import check_limit, evaluate, to_markdown
 
     if args.output:
-        check_output_path(args.output, force=args.force)
+        check_output_path(args.output, force=args.force, inputs=(args.model, args.calibration))
     limit = check_limit(args.limit)
     disrupt_opts = (args.top_k, args.lam, args.layers) + ((args.calibration,) if args.kv_bits is None else ())
     if args.disrupt is None and any(o is not None for o in disrupt_opts) or (args.disrupt is None and args.pairs):

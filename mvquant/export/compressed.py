@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MvquantError
-from ..io import atomic_directory, atomic_write_json, check_output_path
+from ..io import atomic_directory, atomic_write_json, check_output_path, output_files
 from ..quantization import core
 from .lora import padded_rank, selector_and_delta
 
@@ -28,6 +28,7 @@ PROTECT_AS = ("lora", "fp16")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ENGINE_BITS = (4, 8)
 LORA_DIR = "protect-lora"
+MARKER = "mvquant_export.json"      # every export carries it: its summary and the files it wrote
 CALIB_DIR = "calibration"
 QKV = ("q_proj", "k_proj", "v_proj")
 # files of an mvquant checkpoint that are not carried over (weights and shard index, its config, manifest)
@@ -161,7 +162,7 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
     if dtype not in DTYPES:
         raise MvquantError(f"unknown --dtype '{dtype}': use one of {', '.join(DTYPES)}")
     ckpt, output = Path(ckpt), Path(output)
-    check_output_path(output, force=force, kind="dir")
+    check_output_path(output, force=force, kind="dir", inputs=(ckpt,), marker=MARKER)
     if not (ckpt / "config.json").is_file():
         raise MvquantError(f"'{ckpt}' is not a checkpoint directory (no config.json): give the --output of mvquant quantize")
     qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
@@ -209,7 +210,7 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
                "bits": bits, "group_size": group, "symmetric": sym, "dtype": dtype, "protect_as": protect_as,
                "protected_rows": n_protected, "dense_modules": sorted(dense), "lora_rank": rank,
                "lora_modules": sorted(lora)}
-    with atomic_directory(output, force=force) as tmp:
+    with atomic_directory(output, force=force, inputs=(ckpt,), marker=MARKER) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         config = model.config
@@ -232,7 +233,8 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
             lora_bits = _write_lora(tmp / LORA_DIR, lora, rank, tdtype)
         summary["bits_per_weight"] = round((packed_bits + lora_bits) / max(packed_weights, 1), 4)
         summary["bits_per_weight_base"] = round(packed_bits / max(packed_weights, 1), 4)
-        atomic_write_json(tmp / "mvquant_export.json", summary)
+        # written last, listing every file: what --force may later replace (mvquant/io.py)
+        atomic_write_json(tmp / MARKER, {**summary, "files": output_files(tmp)})
     return summary
 
 

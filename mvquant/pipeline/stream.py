@@ -138,7 +138,7 @@ def quantize_to_checkpoint(model_dir, config, output, *, report=None, tokenizer=
     checkpoint out to `output` (written atomically: an interrupted run leaves nothing). Returns the
     summary. Raises NotStreamable (before any work) when the tensor names do not map."""
     from ..calibration import data as D  # noqa: F401  (calibration sources)
-    from ..checkpoint import ShardWriter, finish_checkpoint, storage_cast
+    from ..checkpoint import MANIFEST, ShardWriter, finish_checkpoint, storage_cast
     from ..io import atomic_directory, check_output_path
     from ..models.adapters import get_layout
     from ..quantization import activations as A
@@ -168,7 +168,8 @@ def quantize_to_checkpoint(model_dir, config, output, *, report=None, tokenizer=
     targets = list(target_linears(model, config))
     rows = protected_rows(model, layout, config, report)
     if need_bytes is not None:
-        check_output_path(output, force=force, kind="dir", need_bytes=int(need_bytes(model, config)))
+        check_output_path(output, force=force, kind="dir", need_bytes=int(need_bytes(model, config)),
+                          inputs=(model_dir,), marker=MANIFEST)
     store = storage_dtype(config.store_dtype, dtype)
 
     # tensors outside the decoder layers: read once (embeddings are needed for the calibration pass)
@@ -183,7 +184,7 @@ def quantize_to_checkpoint(model_dir, config, output, *, report=None, tokenizer=
     kernels: dict[str, int] = {}
     scaled: list[str] = []
 
-    with atomic_directory(output, force=force) as tmp:
+    with atomic_directory(output, force=force, inputs=(model_dir,), marker=MANIFEST) as tmp:
         writer = ShardWriter(tmp)
 
         def onload(i, layer, dev):

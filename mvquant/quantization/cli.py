@@ -106,12 +106,13 @@ def _warn_unprotected(config, report, layout) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..calibration import load_report
-    from ..checkpoint import save_quantized
+    from ..checkpoint import MANIFEST, save_quantized
     from ..models import get_layout, load_model
     from ..models.loading import peek_layout
     from .api import format_summary, quantize
 
     config = config_from_args(args)  # bad method / bits / policy / group size fail here, before any work
+    inputs = (args.model, args.calibration)
     if config.needs_report and not args.calibration:
         raise MvquantError(f"--protect {config.protect} needs --calibration REPORT.json: run "
                            "mvquant calibrate MODEL --output REPORT.json first, or use --protect none")
@@ -119,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
         if config.is_bnb:
             raise MvquantError(f"--method {config.method} is an in-memory bitsandbytes baseline and cannot be saved: "
                                "drop --output (the summary is still printed) or use rtn/awq/gptq/smoothquant")
-        check_output_path(args.output, force=args.force, kind="dir")
+        check_output_path(args.output, force=args.force, kind="dir", inputs=inputs, marker=MANIFEST)
     if args.summary_json:
-        check_output_path(args.summary_json, force=args.force)
+        check_output_path(args.summary_json, force=args.force, inputs=inputs)
     if config.is_bnb:
         from .bnb import require_bnb
         require_bnb()
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         report.check_matches(layout)
         _warn_unprotected(config, report, layout)
     if args.output:  # the weights are known now: is there room for the checkpoint?
-        check_output_path(args.output, force=args.force, kind="dir", need_bytes=checkpoint_bytes(model, config))
+        check_output_path(args.output, force=args.force, kind="dir", need_bytes=checkpoint_bytes(model, config),
+                          inputs=inputs, marker=MANIFEST)
     quantize(model, config, report=report, tokenizer=tokenizer, progress=not args.quiet,
              device=None if device.type == "cpu" else device)
     summary = model.mvquant_summary
