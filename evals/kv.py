@@ -35,7 +35,7 @@ from mvquant.kvcache import KVCacheFactory, KVConfig
 DEFAULT_TASKS = "contextual,parametric"
 
 
-ARM = re.compile(r"^(kv|quanto|hqq)(\d+)-(channel|token)-(none|massive|random)$")
+ARM = re.compile(r"^(kv|quanto|hqq)(\d+)-(channel|token|turboquant|rht)-(none|massive|random)$")
 
 
 def arm_names(bits, axes, protects, baselines=()):
@@ -52,7 +52,8 @@ def parse_arm(name: str) -> tuple[str, int, str, str]:
     """'kv2-channel-massive' -> ('mvquant', 2, 'channel', 'massive'); 'quanto4-token-none' -> ('quanto', ...)."""
     m = ARM.fullmatch(name)
     if not m:
-        raise SystemExit(f"evals/kv.py: error: arm '{name}' is not fp, kv<B>-<channel|token>-<none|massive|random> "
+        raise SystemExit(f"evals/kv.py: error: arm '{name}' is not fp, kv<B>-<channel|token|turboquant|rht>-"
+                         "<none|massive|random> "
                          "or <quanto|hqq><B>-token-none")
     backend, bits, axis, protect = m.groups()
     return ("mvquant" if backend == "kv" else backend), int(bits), axis, protect

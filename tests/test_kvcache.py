@@ -171,8 +171,6 @@ def test_bad_input():
         kv_cache(model, None, protect="none", group_size=0)
     with pytest.raises(MvquantError, match="does not match this model"):
         kv_cache(model, _report(make_tiny_model("gemma")), protect="massive")
-    with pytest.raises(MvquantError, match="sliding_attention.*without --kv-bits"):
-        kv_cache(make_tiny_model("gemma3_text"), None, protect="none")
 
 
 def test_bytes_per_token():
@@ -246,16 +244,46 @@ def test_cli_kv_bad_input(argv, match, tmp_path, capsys):
     assert not (tmp_path / "e.json").exists()
 
 
-def test_cli_kv_refuses_massive_without_rope_and_sliding_windows(tmp_path, capsys):
+def test_cli_kv_refuses_massive_without_rope_and_chunked_attention(tmp_path, capsys):
     from mvquant.cli import main
+    from mvquant.kvcache.api import check_layer_types
     from tests.conftest import save_tiny_model
     gpt2 = save_tiny_model("gpt2", tmp_path / "g")
     assert main(["eval", str(gpt2), "--tasks", "capitals", "--kv-bits", "2", "--kv-protect", "random"]) == 2
     assert "has no RoPE" in capsys.readouterr().err
-    gemma3 = save_tiny_model("gemma3_text", tmp_path / "g3")
-    assert main(["eval", str(gemma3), "--tasks", "capitals", "--limit", "1", "--kv-bits", "4",
-                 "--kv-protect", "none", "--no-progress"]) == 2
-    assert "full-attention layers only" in capsys.readouterr().err
+    chunked = make_tiny_model("llama").config
+    chunked.layer_types = ["chunked_attention", "full_attention"]
+    chunked.attention_chunk_size = 16
+    with pytest.raises(MvquantError, match="chunked_attention layers; .*full-attention and sliding-window layers only"):
+        check_layer_types(chunked)
+
+
+@pytest.mark.parametrize("window", [8, 24])
+def test_sliding_window_layers_gemma3(window):
+    """Gemma 3's sliding layers: the window is honoured (it changes the logits) and an 8-bit cache
+    reproduces the model with its own cache; 2-bit does not."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import TINY_CONFIGS
+    cfg = {k: v for k, v in TINY_CONFIGS["gemma3_text"].items() if k != "model_type"}
+    config = AutoConfig.for_model("gemma3_text", **cfg, bos_token_id=1, eos_token_id=1,
+                                  layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    model.config.sliding_window = window
+    ids, nxt = torch.randint(2, 100, (2, 40)), torch.randint(2, 100, (2, 5))
+    ref = model(torch.cat([ids, nxt], 1)).logits
+    errs = {}
+    for bits in (8, 2):
+        cache = kv_cache(model, None, bits=bits, protect="none", group_size=16, residual=4)
+        a = model(ids, past_key_values=cache, use_cache=True).logits
+        c = model(nxt, past_key_values=cache, use_cache=True).logits
+        errs[bits] = float((torch.cat([a, c], 1) - ref).abs().max())
+    model.config.sliding_window = 4096
+    unwindowed = model(torch.cat([ids, nxt], 1)).logits
+    scale = float(ref.abs().max())
+    assert float((unwindowed - ref).abs().max()) > 0.1 * scale     # the window matters on these lengths
+    assert errs[8] < 0.01 * scale < errs[2]
 
 
 # -- compare recipes -------------------------------------------------------------------------------------

@@ -36,8 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "(default 32)")
     kv.add_argument("--kv-residual", type=int, default=32, help="most recent tokens kept exact (default 32)")
     kv.add_argument("--kv-sink", type=int, default=0, help="first tokens kept exact (attention sinks, default 0)")
-    kv.add_argument("--kv-axis", default="channel", choices=["channel", "token"],
-                    help="quantize K per channel (KIVI, default) or per token; V is always per token")
+    kv.add_argument("--kv-axis", default="channel", choices=["channel", "token", "turboquant", "rht"],
+                    help="K layout: per channel (KIVI, default) or per token (V per token); turboquant: vLLM's "
+                         "TurboQuant (Hadamard + Lloyd-Max K, uniform V per head, first/last 2 layers exact); rht: "
+                         "vLLM's int4_per_token_head (randomized Hadamard, K and V per head)")
     kv.add_argument("--kv-seed", type=int, default=0, help="seed of --kv-protect random (default 0)")
     kv.add_argument("--kv-backend", default="mvquant", choices=["mvquant", "quanto", "hqq"],
                     help="mvquant (default) or transformers' QuantizedCache with optimum-quanto / HQQ as a baseline "
@@ -147,7 +149,9 @@ def run(args) -> int:
               f"{d['dims_q']} Q + {d['dims_k']} K dims, from {d['source']}")
     if result.get("kv_cache"):
         k = result["kv_cache"]
-        print(f"\nKV cache ({k.get('backend', 'mvquant')}): {k['bits']}-bit, K per {k['axis']} (after RoPE), group {k['group_size']}, residual "
+        layout = {"turboquant": "TurboQuant (Hadamard + Lloyd-Max K, V per head)",
+                  "rht": "randomized Hadamard, K and V per head"}.get(k["axis"], f"K per {k['axis']}, group {k['group_size']}")
+        print(f"\nKV cache ({k.get('backend', 'mvquant')}): {k['bits']}-bit, {layout} (after RoPE), residual "
               f"{k['residual']}, sink {k['sink']}, protect {k['protect']} ({k['protected_k_channels']} K channels, "
               f"{100 * k['protected_share']:.1f}%): {k['bytes_per_token']:.0f} B/token vs fp16 "
               f"{k['fp16_bytes_per_token']:.0f} ({100 * k['ratio']:.1f}%)")

@@ -11,9 +11,11 @@ from .cache import MassiveKVCache
 from .hf import BACKENDS as HF_BACKENDS
 from .hf import backend_bits, hf_quantized_cache, require_backend
 from .quant import SUPPORTED_BITS, packed_bytes
+from .rotation import TURBO_BITS
 
 POLICIES = ("massive", "none", "random")
-AXES = ("channel", "token")
+AXES = ("channel", "token", "turboquant", "rht")   # the key layout (values follow, see cache.py)
+BOUNDARY = {"turboquant": 2}   # vLLM keeps TurboQuant's first and last two layers unquantized
 BACKENDS = ("mvquant",) + tuple(HF_BACKENDS)   # mvquant: cache.py; quanto / hqq: transformers' QuantizedCache
 
 
@@ -25,9 +27,15 @@ class KVConfig:
     group_size: int = 32
     residual: int = 32            # most recent tokens kept in full precision
     sink: int = 0                 # first tokens kept in full precision
-    axis: str = "channel"         # keys per channel (KIVI) or per token; values are always per token
+    axis: str = "channel"         # keys per channel (KIVI) or per token, or vLLM's rotated turboquant / rht
     seed: int = 0
     backend: str = "mvquant"      # or transformers' QuantizedCache: quanto | hqq (baselines, no protection)
+    boundary: int | None = None   # first and last layers kept unquantized (None: the layout's own, BOUNDARY)
+
+    def exact_layers(self, num_layers: int) -> tuple[int, ...]:
+        n = BOUNDARY.get(self.axis, 0) if self.boundary is None else self.boundary
+        n = min(n, num_layers // 2)     # as vLLM: never more than half the layers
+        return tuple(sorted(set(range(n)) | set(range(num_layers - n, num_layers))))
 
     def check(self) -> "KVConfig":
         if self.backend not in BACKENDS:
@@ -46,7 +54,12 @@ class KVConfig:
         if self.protect not in POLICIES:
             raise MvquantError(f"--kv-protect '{self.protect}' is unknown: use one of {', '.join(POLICIES)}")
         if self.axis not in AXES:
-            raise MvquantError(f"--kv-axis '{self.axis}' is unknown: use channel (KIVI keys) or token")
+            raise MvquantError(f"--kv-axis '{self.axis}' is unknown: use channel (KIVI keys), token, turboquant or rht")
+        if self.axis == "turboquant" and self.bits not in TURBO_BITS:
+            raise MvquantError(f"--kv-axis turboquant takes --kv-bits {', '.join(map(str, TURBO_BITS))} (vLLM's 8-bit "
+                               f"preset stores FP8 keys, not this scheme), got {self.bits}")
+        if self.boundary is not None and (not isinstance(self.boundary, int) or self.boundary < 0):
+            raise MvquantError(f"the boundary layer count must be an integer >= 0, got {self.boundary!r}")
         for name, value, low in (("group-size", self.group_size, 1), ("residual", self.residual, 0),
                                  ("sink", self.sink, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -60,17 +73,23 @@ class KVConfig:
         return asdict(self)
 
 
+# Sliding-window layers (Gemma 2/3, Mistral) are cached like full ones: every token stays in the cache
+# and the model's sliding-window mask hides what lies outside the window, so attention is exact and
+# only the eviction (memory beyond the window) is not modelled. Chunked, linear or shared-KV layouts
+# attend in ways this cache does not follow.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def check_layer_types(config) -> None:
-    """Refuse sliding-window / chunked / linear-attention layouts: a window would evict tokens the
-    quantized blocks still hold, which this cache does not model."""
+    """Refuse layouts other than full and sliding-window attention (see LAYER_TYPES)."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text = config.get_text_config(decoder=True)
     types, _ = get_layer_types_and_kwargs(text)
-    other = sorted(set(types) - {"full_attention"})
+    other = sorted(set(types) - set(LAYER_TYPES))
     if other:
         raise MvquantError(f"--kv-bits: {text.model_type} has {', '.join(other)} layers; the quantized KV cache supports "
-                           "full-attention layers only: evaluate this model without --kv-bits")
+                           "full-attention and sliding-window layers only: evaluate this model without --kv-bits")
 
 
 def protected_channels(model, report, config: KVConfig) -> list[list[list[int]]]:
@@ -100,9 +119,20 @@ def bytes_per_token(config: KVConfig, num_kv_heads: int, head_dim: int, protecte
     """Steady-state cache bytes per token over all layers (codes packed, fp16 scales/minima and fp16
     exact channels; the residual window and sinks are a constant, not per token) vs fp16."""
     h, d, g, bits = num_kv_heads, head_dim, config.group_size, config.bits
+    exact = config.exact_layers(len(protected))
     total = 0.0
-    for layer in protected:
+    for i, layer in enumerate(protected):
         p = sum(len(x) for x in layer)
+        if i in exact:                 # kept unquantized
+            total += 2 * dtype_bytes * h * d
+            continue
+        codes = h * -(-d * bits // 8)     # vLLM packs each head's codes densely (3-bit: 8 in 3 bytes)
+        if config.axis == "turboquant":   # codes + fp16 norm; values: codes + fp16 scale and minimum
+            total += codes + 2 * h + codes + 4 * h + dtype_bytes * p
+            continue
+        if config.axis == "rht":          # codes + one fp32 scale (zero point in its low bits) per head, K and V
+            total += 2 * (codes + 4 * h) + dtype_bytes * p
+            continue
         if config.axis == "channel":   # one scale + minimum per channel per g tokens
             k = packed_bytes(h * d - p, bits) + 2 * dtype_bytes * (h * d - p) / g
         else:                          # one scale + minimum per token per group of channels
@@ -136,7 +166,8 @@ class KVCacheFactory:
             return hf_quantized_cache(c.backend, self.num_layers, bits=c.bits, group_size=c.group_size,
                                       residual=c.residual)
         return MassiveKVCache(self.num_layers, self.protected, bits=c.bits, axis_key=c.axis,
-                              group_size=c.group_size, residual=c.residual, sink=c.sink, settings=c.to_dict())
+                              group_size=c.group_size, residual=c.residual, sink=c.sink,
+                              exact_layers=c.exact_layers(self.num_layers), settings=c.to_dict())
 
     def summary(self) -> dict:
         return {**self.config.to_dict(), "k_quantized": "after RoPE",
@@ -145,12 +176,12 @@ class KVCacheFactory:
 
 def kv_cache(model, report=None, bits: int = 2, protect: str = "massive", *, group_size: int = 32,
              residual: int = 32, sink: int = 0, axis: str = "channel", seed: int = 0,
-             backend: str = "mvquant") -> MassiveKVCache:
+             backend: str = "mvquant", boundary: int | None = None) -> MassiveKVCache:
     """A fresh quantized KV cache for `model`: pass it as `past_key_values=` to generate / forward.
 
     `report`: a CalibrationReport or its path (needed for protect='massive' / 'random').
     `backend`: 'quanto' / 'hqq' give transformers' QuantizedCache instead (a baseline: protect='none',
     axis='token'; see hf.py)."""
     config = KVConfig(bits=bits, protect=protect, group_size=group_size, residual=residual, sink=sink, axis=axis,
-                      seed=seed, backend=backend)
+                      seed=seed, backend=backend, boundary=boundary)
     return KVCacheFactory(model, report, config)()

@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import QuantizedCache, QuantizedLayer
 
+from . import rotation as R
 from .quant import dequantize_groups, quantize_groups
+
+ROTATED = ("turboquant", "rht")   # key layouts that rotate each (token, head) vector (rotation.py)
 
 
 class MassiveKVLayer(QuantizedLayer):
@@ -30,7 +33,9 @@ class MassiveKVLayer(QuantizedLayer):
     def __init__(self, bits: int = 2, axis_key: str = "channel", group_size: int = 32, residual: int = 32,
                  sink: int = 0, protected: list[list[int]] | None = None, head_dim: int | None = None):
         super().__init__(nbits=bits, q_group_size=group_size, residual_length=residual)
-        self.key_axis = axis_key          # "channel": groups of tokens per channel; "token": groups of channels
+        # "channel": groups of tokens per channel (KIVI); "token": groups of channels per token;
+        # "turboquant" / "rht": vLLM's rotated per-(token, head) schemes for K and V (rotation.py)
+        self.key_axis = axis_key
         self.sink = int(sink)
         self.protected = [list(h) for h in (protected or [])]
         self.head_dim = head_dim
@@ -65,22 +70,34 @@ class MassiveKVLayer(QuantizedLayer):
     def _quantize_block(self, k: torch.Tensor, v: torch.Tensor, exact_tok: torch.Tensor) -> dict:
         b, h, n, d = k.shape
         g, bits = self.q_group_size, self.nbits
-        if self.key_axis == "channel":   # groups run along tokens; padding/sinks must not set the range
+        pmask = torch.zeros(h * d, dtype=torch.bool, device=k.device)
+        pmask[self.pidx] = True
+        pmask = pmask.view(1, h, 1, d)
+        if self.key_axis == "turboquant":   # protected channels stay out of the norm and the rotation
+            kq, vq = R.turbo_quantize(k, bits, exclude=pmask), R.head_quantize(v, bits)
+        elif self.key_axis == "rht":
+            kq, vq = R.rht_quantize(k, bits, exclude=pmask), R.rht_quantize(v, bits)
+        elif self.key_axis == "channel":   # groups run along tokens; padding/sinks must not set the range
             kq = quantize_groups(k, bits, dim=2, group_size=g, exclude=exact_tok[:, None, :, None])
         else:                            # groups run along channels; protected channels must not set it
-            pmask = torch.zeros(h * d, dtype=torch.bool, device=k.device)
-            pmask[self.pidx] = True
-            kq = quantize_groups(k, bits, dim=3, group_size=g, exclude=pmask.view(1, h, 1, d))
-        vq = quantize_groups(v, bits, dim=3, group_size=g)
+            kq = quantize_groups(k, bits, dim=3, group_size=g, exclude=pmask)
+        if self.key_axis not in ROTATED:
+            vq = quantize_groups(v, bits, dim=3, group_size=g)
         kp = k.transpose(1, 2).reshape(b, n, h * d)[..., self.pidx].clone()   # exact protected K values
         return {"k": kq, "v": vq, "kp": kp, "n": n}
 
     def _dequantize_block(self, blk: dict, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, _, d = shape
         n, g = blk["n"], self.q_group_size
-        kdim = 2 if self.key_axis == "channel" else 3
-        k = dequantize_groups(*blk["k"], dim=kdim, group_size=g, dtype=dtype)
-        v = dequantize_groups(*blk["v"], dim=3, group_size=g, dtype=dtype)
+        if self.key_axis == "turboquant":
+            k = R.turbo_dequantize(*blk["k"], self.nbits, dtype=dtype)
+            v = R.head_dequantize(*blk["v"], dtype=dtype)
+        elif self.key_axis == "rht":
+            k, v = R.rht_dequantize(*blk["k"], dtype=dtype), R.rht_dequantize(*blk["v"], dtype=dtype)
+        else:
+            kdim = 2 if self.key_axis == "channel" else 3
+            k = dequantize_groups(*blk["k"], dim=kdim, group_size=g, dtype=dtype)
+            v = dequantize_groups(*blk["v"], dim=3, group_size=g, dtype=dtype)
         if self.pidx.numel():
             flat = k.transpose(1, 2).reshape(b, n, h * d)
             flat[..., self.pidx] = blk["kp"]
@@ -176,9 +193,11 @@ class MassiveKVCache(QuantizedCache):
 
     def __init__(self, num_layers: int, protected: list[list[list[int]]] | None = None, *, bits: int = 2,
                  axis_key: str = "channel", group_size: int = 32, residual: int = 32, sink: int = 0,
-                 settings: dict | None = None):
+                 exact_layers: tuple[int, ...] = (), settings: dict | None = None):
         protected = protected or [[] for _ in range(num_layers)]
-        layers = [MassiveKVLayer(bits, axis_key, group_size, residual, sink, protected[i]) for i in range(num_layers)]
+        # exact_layers (TurboQuant's boundary layers): every token stays in the full-precision window
+        layers = [MassiveKVLayer(bits, axis_key, group_size, 2 ** 62 if i in exact_layers else residual, sink,
+                                 protected[i]) for i in range(num_layers)]
         super(QuantizedCache, self).__init__(layers=layers)   # Cache.__init__: QuantizedCache's wants a backend
         self.settings = settings or {}
         self._mask = None
