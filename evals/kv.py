@@ -12,6 +12,10 @@ transformers' QuantizedCache arms {backend}{B}-token-none (mvquant/kvcache/hf.py
 result is saved to <dir>/arms/<arm>.json as it finishes (a rerun skips those made with the same
 tasks and limit); then every arm's greedy decode speed is measured, interleaved with the dense
 cache over --speed-rounds rounds (<dir>/speed.json); <dir>/kv.md is rendered from them.
+--ppl-windows N adds held-out perplexity per arm (<dir>/arms/<arm>.ppl.json): N windows of --ppl-seq-len
+tokens of python-docs (seed 12345, apart from calibration's seed 0), each prefilled through the arm's cache,
+with the paired relative change against the fp arm on the same windows.
+--axes turboquant,rht add vLLM's rotated layouts (mvquant/kvcache/rotation.py).
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ from pathlib import Path
 import torch
 
 from mvquant import load_model, load_report
+from mvquant.calibration import data as D
 from mvquant.evaluation import stats as S
+from mvquant.evaluation.perplexity import perplexity_summary, window_nll
 from mvquant.evaluation.runner import evaluate
 from mvquant.io import atomic_write_json, atomic_write_text
 from mvquant.kvcache import KVCacheFactory, KVConfig
@@ -138,7 +144,22 @@ def group_cell(diff: float, stderr: float) -> str:
     return f"{mark}{100 * diff:+.1f}{mark} ± {100 * stderr:.1f}"
 
 
-def render(results: dict, meta: dict, speed: dict | None = None) -> str:
+def render_ppl(ppl: dict, meta: dict) -> list[str]:
+    """Held-out perplexity per arm and its paired change against the fp arm."""
+    if "fp" not in ppl:
+        return []
+    base = ppl["fp"]["nll"]
+    lines = ["", f"## Held-out perplexity ({len(base)} windows x {meta.get('ppl_seq_len')} tokens of python-docs, "
+             "seed 12345; ± one standard error over windows, change paired on the same windows)", "",
+             "| arm | perplexity | change vs fp |", "|---|---:|---:|"]
+    for n in [a for a in meta["arms"] if a in ppl]:
+        s = perplexity_summary(ppl[n]["nll"], None if n == "fp" else base)
+        change = "" if n == "fp" else f"{100 * s['ppl_change']:+.2f}% ± {100 * s['ppl_change_se']:.2f}"
+        lines.append(f"| {n} | {s['ppl']:.3f} | {change} |")
+    return lines
+
+
+def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | None = None) -> str:
     names = [n for n in meta["arms"] if n in results]
     tasks = list(results[names[0]]["tasks"])
     groups = {g: [t for t in tasks if results[names[0]]["tasks"][t]["group"] == g] for g in ("contextual", "parametric")}
@@ -180,6 +201,7 @@ def render(results: dict, meta: dict, speed: dict | None = None) -> str:
         cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
         gs = [group_cell(*group_delta(ra, rb, ts)) if ts else "-" for ts in groups.values()]
         lines.append(f"| {a} − {b} | " + " | ".join(cells + gs) + " |")
+    lines += render_ppl(ppl or {}, meta)
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--speed-new", type=int, default=64, help="greedy decode steps timed")
     p.add_argument("--speed-only", action="store_true", help="only measure decode speed (no task evaluation)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--ppl-windows", type=int, default=0, help="held-out perplexity windows per arm (0: skip)")
+    p.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--render", action="store_true", help="only re-write kv.md from the saved arms")
     args = p.parse_args(argv)
     names = arm_names([int(b) for b in args.bits.split(",")], args.axes.split(","), args.protects.split(","),
@@ -233,6 +257,22 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         model, tokenizer = load_model(args.model)
         report = load_report(args.calibration)
+        if args.ppl_windows and not args.speed_only:
+            if meta.get("ppl_seq_len", args.ppl_seq_len) != args.ppl_seq_len:
+                raise SystemExit(f"evals/kv.py: error: {args.output_dir} holds perplexities of --ppl-seq-len "
+                                 f"{meta['ppl_seq_len']}: use another --output-dir")
+            meta["ppl_seq_len"] = args.ppl_seq_len
+            atomic_write_json(meta_path, meta)
+            windows = D.token_windows(D.load_texts(), tokenizer, samples=args.ppl_windows, seq_len=args.ppl_seq_len,
+                                      seed=12345)
+            for name in ["fp"] + [n for n in names if n != "fp"]:
+                path = arms_dir / f"{name}.ppl.json"
+                if path.exists() and len(json.loads(path.read_text())["nll"]) == len(windows):
+                    continue
+                t0 = time.perf_counter()
+                factory = KVCacheFactory(model, report, KVConfig(**configs[name])) if configs.get(name) else None
+                atomic_write_json(path, {"nll": window_nll(model, windows, factory), "seq_len": args.ppl_seq_len})
+                print(f"{name}: perplexity done ({time.perf_counter() - t0:.0f} s)", flush=True)
         for name in [] if args.speed_only else names:
             path = arms_dir / f"{name}.json"
             if path.exists():
@@ -258,8 +298,10 @@ def main(argv=None) -> int:
     results = {n: json.loads((arms_dir / f"{n}.json").read_text()) for n in meta["arms"]
                if (arms_dir / f"{n}.json").exists()}
     speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
+    ppl = {n: json.loads((arms_dir / f"{n}.ppl.json").read_text()) for n in ["fp", *meta["arms"]]
+           if (arms_dir / f"{n}.ppl.json").exists()}
     if results:
-        atomic_write_text(args.output_dir / "kv.md", render(results, meta, speed))
+        atomic_write_text(args.output_dir / "kv.md", render(results, meta, speed, ppl))
         print(f"wrote {args.output_dir / 'kv.md'}")
     return 0
 

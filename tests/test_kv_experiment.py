@@ -84,3 +84,16 @@ def test_a_saved_run_with_other_cache_settings_is_not_reused(tmp_path):
     with pytest.raises(SystemExit, match="--residual 32: use another --output-dir"):
         kv.main(["--output-dir", str(tmp_path), "--tasks", "contextual", "--limit", "12", "--residual", "0",
                  "--calibration", "x.json", "--arms", "fp"])
+
+
+def test_rotated_arms_and_the_perplexity_table():
+    args = type("A", (), {"group_size": 32, "residual": 0, "sink": 0, "seed": 0})()
+    assert kv.parse_arm("kv3-turboquant-massive") == ("mvquant", 3, "turboquant", "massive")
+    assert kv.arm_config("kv4-rht-none", args)["axis"] == "rht"
+    with pytest.raises(Exception, match="turboquant takes --kv-bits 2, 3, 4"):
+        kv.arm_config("kv8-turboquant-none", args)
+    assert ("kv3-rht-massive", "kv3-rht-random") in kv.contrasts(["fp", "kv3-rht-massive", "kv3-rht-random"])
+    meta = {"arms": ["fp", "kv3-turboquant-none"], "ppl_seq_len": 256}
+    lines = kv.render_ppl({"fp": {"nll": [2.0, 3.0]}, "kv3-turboquant-none": {"nll": [2.1, 3.1]}}, meta)
+    assert "| kv3-turboquant-none | 13.464 | +10.52% ± 0.00 |" in lines
+    assert kv.render_ppl({"kv3-turboquant-none": {"nll": [2.1]}}, meta) == []     # no fp arm: no contrast
