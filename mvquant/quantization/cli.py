@@ -90,7 +90,13 @@ def checkpoint_bytes(model, config) -> int:
 
 
 def _warn_unprotected(config, report, layout) -> None:
-    """--protect massive/random on a model without RoPE (or with no massive dims): say so, before the work."""
+    """--protect massive/random on a model without RoPE (or with no massive dims), or a method and width
+    where protection was measured to hurt (guidance.py): say so, before the work."""
+    from .guidance import protection_warning
+
+    measured = protection_warning(config.method, config.bits, config.protect)
+    if measured:
+        print(f"mvquant quantize: warning: {measured}", file=sys.stderr)
     policy, _ = config.protect_policy()
     if policy not in ("massive", "random"):
         return
