@@ -77,6 +77,26 @@ def test_decode_speed_ratios_per_round():
     assert a["vs_dense_min"] <= a["vs_dense_median"] <= a["vs_dense_max"] and a["tok_s_median"] > 0
 
 
+def test_decode_speed_bookkeeping_with_known_times(monkeypatch):
+    """Ratios are taken within each round against that round's dense time, then the median; tok/s is
+    new tokens over the median seconds (timings replaced by known numbers)."""
+    model = make_tiny_model("llama")
+    times = iter([1.0, 2.0, 4.0, 2.0, 1.0, 1.0, 2.0])   # warm-up, then (dense, kv2) per round (fp is dense)
+
+    def fake(model, ids, factory, new_tokens):
+        return next(times)
+    monkeypatch.setattr(kv, "decode_seconds", fake)
+    cfg = {"bits": 2, "protect": "none", "group_size": 16, "residual": 8, "sink": 0, "axis": "channel", "seed": 0,
+           "backend": "mvquant"}
+    out = kv.decode_speed(model, lambda text, return_tensors: {"input_ids": torch.ones(1, 64, dtype=torch.long)},
+                          {"fp": None, "kv2": cfg}, None, prompt_tokens=40, new_tokens=8, rounds=3)
+    # rounds: dense 2.0 -> kv2 4.0 (0.5x); dense 2.0 -> kv2 1.0 (2x); dense 1.0 -> kv2 2.0 (0.5x)
+    a = out["arms"]["kv2"]
+    assert (a["vs_dense_median"], a["vs_dense_min"], a["vs_dense_max"]) == (0.5, 0.5, 2.0)
+    assert a["tok_s_median"] == 8 / 2.0 and out["arms"]["fp"]["tok_s_median"] == 8 / 2.0
+    assert out["arms"]["fp"]["vs_dense_median"] == 1.0
+
+
 def test_a_saved_run_with_other_cache_settings_is_not_reused(tmp_path):
     """Saved arms are skipped on a rerun, so a rerun with another residual must be refused, not mixed in."""
     (tmp_path / "meta.json").write_text('{"arms": ["fp"], "tasks": "contextual", "limit": 12, "group_size": 32, '
