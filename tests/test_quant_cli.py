@@ -68,7 +68,22 @@ def test_quantize_builtin_end_to_end(capsys, tmp_path, builtin_model):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert f"{summary['bits_per_weight']:.3f}" in printed and "protected rows" in printed
     assert summary["protected_rows"] > 0 and summary["quantized_linears"] == 30 * 7
-    assert 4.0 < summary["bits_per_weight"] < 4.6
+    # bits per weight from the format alone: a packed row holds in/2 code bytes, an fp16 scale per group
+    # of 64 and the groups' 4-bit zero points (packed 8 codes in 4 bytes); a protected row 2 bytes a
+    # weight and an int32 index
+    from mvquant.quantization.api import quantized_modules
+    mods = quantized_modules(mvquant.load(out)).values()
+
+    def packed_row(m):
+        groups = -(-m.in_features // 64)
+        return m.in_features // 2 + 2 * groups + 4 * -(-groups // 8)
+    weights = sum(m.out_features * m.in_features for m in mods)
+    expected = sum(8 * ((m.out_features - m.n_protected) * packed_row(m) + m.n_protected * (2 * m.in_features + 4))
+                   for m in mods) / weights
+    unprotected = sum(8 * m.out_features * packed_row(m) for m in mods) / weights
+    assert sum(m.n_protected for m in mods) == summary["protected_rows"]
+    assert summary["bits_per_weight"] == pytest.approx(expected, rel=1e-9)
+    assert summary["bits_per_weight"] - unprotected > 0.03          # the protected rows cost 0.043 here
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     fresh, _ = mvquant.load_model()
     mvquant.quantize(fresh, mvquant.QuantConfig(bits=4, group_size=64, protect="massive"), report=report, progress=False)
