@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug (or an unforeseen environment): one line, the traceback on request
         if debug:
             traceback.print_exc()
-        full = no_space_message(e)
+        full = no_space_message(e, getattr(args, "output", None))
         if full:  # the user's environment, not a bug: bad input's exit code
             print(f"mvquant {args.verb}: error: {full}", file=sys.stderr)
             return 2
@@ -85,9 +85,9 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def no_space_message(e: BaseException) -> str | None:
+def no_space_message(e: BaseException, output: str | None = None) -> str | None:
     """A full disk (ENOSPC) anywhere in the exception chain, as a one-line message naming the file
-    system and its free space; None for any other error. Libraries that write through their own code
+    system (of the file, else of --output) and its free space; None for any other error. Libraries that write through their own code
     (safetensors, torch) wrap the OSError in their own type: their message says "os error 28"."""
     seen = e
     while seen is not None:
@@ -98,7 +98,7 @@ def no_space_message(e: BaseException) -> str | None:
         seen = seen.__cause__ or seen.__context__
     else:
         return None
-    where = getattr(seen, "filename", None) or os.getcwd()
+    where = getattr(seen, "filename", None) or output or os.getcwd()
     mount = os.path.abspath(where)
     while not os.path.exists(mount) and mount != os.path.dirname(mount):
         mount = os.path.dirname(mount)

@@ -25,6 +25,8 @@ def check_limit(limit):
         raise MvquantError(f"--limit must be a positive number of items, got '{limit}'") from None
     if value <= 0 or math.isnan(value):
         raise MvquantError(f"--limit must be positive, got {limit}: leave it out to run every item")
+    if math.isinf(value):
+        raise MvquantError(f"--limit {limit} is not a number of items: leave --limit out to run every item")
     if value >= 1 and value != int(value):
         raise MvquantError(f"--limit {limit}: give a whole number of items (or a fraction below 1)")
     return int(value) if value >= 1 else value

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -88,7 +90,31 @@ def resolve_model_source(name: str | os.PathLike | None) -> dict:
     if looks_like_path:
         raise MvquantError(f"model path '{name}' does not exist: check the path, or use a built-in "
                            f"model ({', '.join(BUILTIN_MODELS)})")
+    check_hub_model(str(name))
     return {"kind": "hub", "path": str(name)}
+
+
+def check_hub_model(name: str) -> None:
+    """A Hugging Face id must be in the local cache or the hub must be reachable: otherwise the
+    hub client retries for about a minute (with a warning per try) before it gives up."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    hint = (f"give a local model directory, a .gguf file, or a built-in model ({', '.join(BUILTIN_MODELS)})")
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    if offline:
+        raise MvquantError(f"model '{name}' is not a local path, not a built-in model and not in the Hugging Face "
+                           f"cache, and the hub is off ({offline[0]}=1): {hint}")
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise MvquantError(f"model '{name}' is not a local path, not a built-in model and not in the Hugging Face "
+                           f"cache, and {host} cannot be reached (offline?): {hint}") from None
 
 
 def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device_map=None,
