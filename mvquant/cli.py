@@ -3,12 +3,15 @@ with `HELP`, `add_arguments(parser)` and `run(args) -> int`; this file only disp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import traceback
 
 from .errors import MvquantError
@@ -47,9 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    with _record_sigint() as interrupted:
+        return _main(argv, interrupted)
+
+
+def _main(argv: list[str], interrupted: list) -> int:
     prog = "mvquant" + next((f" {a}" for a in argv if a in VERBS), "")
     try:  # building the parser imports the verbs (torch: a second); Ctrl-C there is one line too
         args = build_parser().parse_args(argv)
+        if interrupted:  # a library's bare `except:` swallowed the KeyboardInterrupt during its import
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -75,6 +85,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mvquant {args.verb}: error: {internal_message(e)}"
               + ("" if debug else " (internal error; rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _record_sigint():
+    """Python's own Ctrl-C behaviour (KeyboardInterrupt), and a record that it happened."""
+    seen: list = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def quiet_libraries() -> None:
