@@ -50,8 +50,8 @@ def check_options(args) -> None:
 
 
 def check_served_directory(path: Path) -> None:
-    """A model directory vLLM can load: an mvquant export (or a plain transformers model); an mvquant
-    checkpoint is refused with the export command that makes it servable."""
+    """An mvquant checkpoint is refused with the export command that makes it servable (which quant
+    methods the engine takes is server.py's business)."""
     if not path.is_dir():
         raise MvquantError(f"'{path}' is not a directory: give the --output of mvquant export")
     config = path / "config.json"
@@ -65,9 +65,6 @@ def check_served_directory(path: Path) -> None:
     if method == "mvquant":
         raise MvquantError(f"'{path}' is an mvquant checkpoint, which vLLM cannot load: export it first "
                            f"(mvquant export {path} --output {path}-served) and serve that directory")
-    if method not in (None, "compressed-tensors"):
-        raise MvquantError(f"'{path}' has quant_method '{method}': mvquant serve serves the output of mvquant export "
-                           "(compressed-tensors)")
     lora = path / "protect-lora" / "adapter_config.json"
     if lora.is_file():
         try:
