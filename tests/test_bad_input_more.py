@@ -343,7 +343,7 @@ def _python(code: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300, **kw)
 
 
-def test_import_is_light_and_still_registers_with_transformers():
+def test_import_is_light_and_still_registers_with_transformers(ck):
     out = _python("import sys, mvquant; print(sorted(m for m in ('torch', 'transformers', 'hqq') if m in sys.modules))")
     assert out.stdout.strip() == "[]", out.stderr
     out = _python("import sys, mvquant.cli as c; c.build_parser(); "
@@ -352,6 +352,10 @@ def test_import_is_light_and_still_registers_with_transformers():
     out = _python("import mvquant; from transformers.quantizers import auto; import mvquant.compare.engine; "
                   "print('mvquant' in auto.AUTO_QUANTIZER_MAPPING, callable(mvquant.compare), mvquant.load.__module__)")
     assert out.stdout.split() == ["True", "True", "mvquant.checkpoint"], out.stderr
+    out = _python("import mvquant; from transformers import AutoModelForCausalLM; "   # DESIGN.md's promise
+                  f"m = AutoModelForCausalLM.from_pretrained({str(ck / 'ck')!r}); "
+                  "print(type(m.model.layers[0].self_attn.q_proj).__name__)")
+    assert out.stdout.split() == ["QuantLinear"], out.stderr
 
 
 def test_ctrl_c_at_any_moment_of_start_up_is_one_line_exit_130(tmp_path):
