@@ -1,27 +1,88 @@
-"""mvquant: find the massive Q/K values of RoPE models and keep them while quantizing."""
-from .calibration import CalibrationReport, calibrate, load_report
+"""mvquant: find the massive Q/K values of RoPE models and keep them while quantizing.
+
+`import mvquant` is cheap (no torch, no transformers): each public name is imported on first use, so
+`mvquant --help` answers at once and Ctrl-C during start-up can be caught. Importing transformers'
+quantizers (as any model load does) registers quant_method "mvquant", so
+`AutoModelForCausalLM.from_pretrained(checkpoint_dir)` works after `import mvquant`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 from .errors import MvquantError
-from .evaluation import disrupt, evaluate
-from .models import get_layout, load_model
 
 __version__ = "0.1.0"
-__all__ = ["calibrate", "load_report", "CalibrationReport", "load_model", "get_layout", "MvquantError", "evaluate", "disrupt"]
 
-# Quantization and checkpoints. Importing them registers quant_method "mvquant" with transformers,
-# so AutoModelForCausalLM.from_pretrained(checkpoint_dir) works after `import mvquant`.
-from .checkpoint import load, save_quantized  # noqa: E402
-from .quantization import QuantConfig, quantize  # noqa: E402
-from .quantization import hf as _hf_registration  # noqa: E402,F401
+# public name -> the module that defines it
+_PUBLIC = {
+    "calibrate": ".calibration", "load_report": ".calibration", "CalibrationReport": ".calibration",
+    "load_model": ".models", "get_layout": ".models",
+    "evaluate": ".evaluation", "disrupt": ".evaluation",
+    "load": ".checkpoint", "save_quantized": ".checkpoint",   # quantization and checkpoints
+    "quantize": ".quantization", "QuantConfig": ".quantization",
+    "compare": ".compare",                                     # the experiment runner
+    "kv_cache": ".kvcache", "KVConfig": ".kvcache",            # KV cache that keeps the massive K channels
+}
+__all__ = ["MvquantError", *_PUBLIC]
 
-__all__ += ["quantize", "QuantConfig", "load", "save_quantized"]
 
-# The experiment runner. The name `mvquant.compare` is the function; its modules stay importable
-# (`from mvquant.compare.engine import ...`, `importlib.import_module("mvquant.compare.cli")`).
-from .compare import compare  # noqa: E402
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mvquant' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
 
-__all__ += ["compare"]
 
-# KV-cache quantization that keeps the massive K channels (pass as past_key_values= to generate).
-from .kvcache import KVConfig, kv_cache  # noqa: E402
+class _Package(types.ModuleType):
+    """`mvquant.compare` is the function, not the subpackage of the same name: importing a submodule
+    (`mvquant.compare.engine`) makes Python set the parent's attribute to the subpackage; that
+    assignment is skipped so the name stays the function (the subpackage is in sys.modules)."""
 
-__all__ += ["kv_cache", "KVConfig"]
+    def __setattr__(self, name, value):
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def _register_with_transformers() -> None:
+    from .quantization import hf  # noqa: F401  (registers quant_method "mvquant" on import)
+
+
+def _after_import(module_name: str, callback) -> None:
+    """Run `callback` once `module_name` has been imported (now if it already is)."""
+    if module_name in sys.modules:
+        callback()
+        return
+
+    class Finder:
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            if fullname != module_name:
+                return None
+            sys.meta_path.remove(Finder)
+            for finder in sys.meta_path:
+                spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+                if spec is not None and spec.loader is not None:
+                    break
+            else:
+                return None
+            exec_module = spec.loader.exec_module
+
+            def exec_then_callback(module):
+                exec_module(module)
+                callback()
+            spec.loader.exec_module = exec_then_callback
+            return spec
+
+    sys.meta_path.insert(0, Finder)
+
+
+# transformers.quantizers imports every quantizer (seconds); it is imported by transformers' model
+# loading, and that is when our quantizer must be registered.
+_after_import("transformers.quantizers", _register_with_transformers)

@@ -3,8 +3,15 @@ with `HELP`, `add_arguments(parser)` and `run(args) -> int`; this file only disp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import os
+import re
+import shutil
+import signal
 import sys
+import threading
 import traceback
 
 from .errors import MvquantError
@@ -42,8 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with _record_sigint() as interrupted:
+        return _main(argv, interrupted)
+
+
+def _main(argv: list[str], interrupted: list) -> int:
+    prog = "mvquant" + next((f" {a}" for a in argv if a in VERBS), "")
+    try:  # building the parser imports the verbs (torch: a second); Ctrl-C there is one line too
+        args = build_parser().parse_args(argv)
+        if interrupted:  # a library's bare `except:` swallowed the KeyboardInterrupt during its import
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     debug = bool(getattr(args, "debug", False))
+    quiet_libraries()
     try:
         return int(args._run(args) or 0)
     except MvquantError as e:  # bad input: the message names the problem and the fix
@@ -57,9 +78,64 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug (or an unforeseen environment): one line, the traceback on request
         if debug:
             traceback.print_exc()
+        full = no_space_message(e, getattr(args, "output", None))
+        if full:  # the user's environment, not a bug: bad input's exit code
+            print(f"mvquant {args.verb}: error: {full}", file=sys.stderr)
+            return 2
         print(f"mvquant {args.verb}: error: {internal_message(e)}"
               + ("" if debug else " (internal error; rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _record_sigint():
+    """Python's own Ctrl-C behaviour (KeyboardInterrupt), and a record that it happened."""
+    seen: list = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def quiet_libraries() -> None:
+    """Silence what other libraries print on import that the user can do nothing about: bitsandbytes
+    (imported by peft) warns on every import that an optional CPU kernel package is missing."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def no_space_message(e: BaseException, output: str | None = None) -> str | None:
+    """A full disk (ENOSPC) anywhere in the exception chain, as a one-line message naming the file
+    system (of the file, else of --output) and its free space; None for any other error. Libraries that write through their own code
+    (safetensors, torch) wrap the OSError in their own type: their message says "os error 28"."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            break
+        if re.search(r"No space left on device|os error 28|StorageFull", str(seen)):
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    where = getattr(seen, "filename", None) or output or os.getcwd()
+    mount = os.path.abspath(where)
+    while not os.path.exists(mount) and mount != os.path.dirname(mount):
+        mount = os.path.dirname(mount)
+    free = shutil.disk_usage(mount).free
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    return (f"no space left on {mount} ({free / 2**20:.0f} MB free): free some space there or choose another "
+            "--output; nothing was written")
 
 
 def internal_message(e: BaseException) -> str:

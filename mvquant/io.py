@@ -232,3 +232,25 @@ def atomic_directory(path: str | os.PathLike, *, force: bool = False, inputs: It
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.replace(tmp, path)
+
+
+def atomic_write_files(files: dict) -> None:
+    """Several files as one output ({path: bytes}): all are written to temporary siblings first and
+    renamed only once every one is complete, so a failure (a full disk) leaves none of them."""
+    tmps = {}
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            fd, tmps[path] = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MvquantError
-from ..io import atomic_write_bytes, atomic_write_json, deterministic_safetensors
+from ..io import atomic_write_files, deterministic_safetensors
 from ..models.adapters import PRENORM_KINDS
 from . import stats as S
 
@@ -290,17 +290,19 @@ class CalibrationReport:
         return {**self.meta, "layers": self.layers}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the stats file first and the JSON last, each atomically: a JSON never points at nothing."""
+        """The report and its stats file are one output: both are written, or neither (a full disk
+        leaves no orphan stats file that would block the rerun)."""
         from safetensors.torch import save
 
         path = Path(path)
         stats_file = stats_path_for(path)
         tensors = {f"layers.{i}.{kind}": t.float().contiguous() for (i, kind), t in sorted(self.norms.items())}
+        files = {}
         if tensors:
-            atomic_write_bytes(stats_file, deterministic_safetensors(
-                save(tensors, metadata={"format": FORMAT, "model": str(self.model)})))
+            files[stats_file] = deterministic_safetensors(save(tensors, metadata={"format": FORMAT, "model": str(self.model)}))
             self.meta["stats_file"] = stats_file.name
-        atomic_write_json(path, self.to_json())
+        files[path] = (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8")
+        atomic_write_files(files)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationReport":

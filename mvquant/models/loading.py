@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import urllib.parse
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,7 +90,31 @@ def resolve_model_source(name: str | os.PathLike | None) -> dict:
     if looks_like_path:
         raise MvquantError(f"model path '{name}' does not exist: check the path, or use a built-in "
                            f"model ({', '.join(BUILTIN_MODELS)})")
+    check_hub_model(str(name))
     return {"kind": "hub", "path": str(name)}
+
+
+def check_hub_model(name: str) -> None:
+    """A Hugging Face id must be in the local cache or the hub must be reachable: otherwise the
+    hub client retries for about a minute (with a warning per try) before it gives up."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    hint = (f"give a local model directory, a .gguf file, or a built-in model ({', '.join(BUILTIN_MODELS)})")
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    if offline:
+        raise MvquantError(f"model '{name}' is not a local path, not a built-in model and not in the Hugging Face "
+                           f"cache, and the hub is off ({offline[0]}=1): {hint}")
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise MvquantError(f"model '{name}' is not a local path, not a built-in model and not in the Hugging Face "
+                           f"cache, and {host} cannot be reached (offline?): {hint}") from None
 
 
 def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device_map=None,
@@ -111,10 +138,14 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
         kwargs["device_map"] = device_map
     if src.get("gguf_file"):
         kwargs["gguf_file"] = src["gguf_file"]
+    if src["kind"] == "dir":
+        kwargs.update(_compressed_tensors_kwargs(Path(path)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": src["gguf_file"]} if src.get("gguf_file") else {}),
                                                   trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with warnings.catch_warnings():   # run_compressed=False overrides the saved config, as meant
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
         if src["kind"] == "hub":
             raise MvquantError(f"could not load '{name}' from the Hugging Face hub or its cache ({_first_line(e)}): "
@@ -123,10 +154,41 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
                            "the directory (save_pretrained)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if src["kind"] == "dir" and "quantization_config" in kwargs and (Path(path) / "protect-lora").is_dir():
+        model = _merge_protect_lora(model, Path(path) / "protect-lora")
     model.eval()
     if src["kind"] == "builtin":
         model.config.name_or_path = src["name"]
     return model, tokenizer
+
+
+def _compressed_tensors_kwargs(path: Path) -> dict:
+    """A compressed-tensors directory (mvquant export): decompressed into plain linears on load.
+    transformers' default (run_compressed=True) keeps packed modules that only engines' kernels run,
+    and fails on CPU ("ignore_mismatched_sizes") for the packed zero points."""
+    qc = read_config_json(path / "config.json").get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return {}
+    try:
+        from transformers import CompressedTensorsConfig
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise MvquantError(f"'{path}' is a compressed-tensors export: loading it needs compressed-tensors "
+                           "(pip install -c scripts/constraints.txt -e '.[export]')") from None
+    return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+
+
+def _merge_protect_lora(model, lora_dir: Path):
+    """An export with --protect-as lora restores its protected rows exactly through the adapter:
+    merged here, so the model computes what the mvquant checkpoint computed."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise MvquantError(f"'{lora_dir.parent}' keeps its protected rows in {lora_dir.name}/: loading it needs "
+                           "peft (pip install -c scripts/constraints.txt -e '.[export]')") from None
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing")
+        return PeftModel.from_pretrained(model, str(lora_dir)).merge_and_unload()
 
 
 def _first_line(e: Exception) -> str:
