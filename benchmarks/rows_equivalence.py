@@ -32,25 +32,12 @@ SERVE_SIDE = textwrap.dedent('''
     from safetensors.torch import save_file
     out, dest, prompts, new, passkeys = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
     from vllm import LLM, SamplingParams
-
-    def effective_weights(model):
-        res = {}
-        for name, layer in model.named_modules():
-            slots = getattr(layer, "mvquant_rows", None)
-            if slots is None:
-                continue
-            eye = torch.eye(slots.in_features, dtype=layer.rows_weight.dtype)
-            with torch.no_grad():
-                w = layer.quant_method.apply(layer, eye).t().contiguous()
-            for s in slots.shards:
-                res["w." + s.name] = w[s.out_offset: s.out_offset + s.out_size].clone()
-        return res
+    from mvquant_vllm.quant import effective_weights
 
     llm = LLM(model=out, dtype="float16", max_model_len=2048, seed=0)
     res = {}
     for part in llm.apply_model(effective_weights):
-        res.update(part)
-    tok = llm.get_tokenizer()
+        res.update({"w." + k: v for k, v in part.items()})
     sp = SamplingParams(max_tokens=new, temperature=0, prompt_logprobs=20, ignore_eos=True)
     for i, o in enumerate(llm.generate(prompts, sp)):
         ids = o.prompt_token_ids

@@ -60,7 +60,8 @@ class MvquantRowsConfig(CompressedTensorsConfig):
 
 
 class RowsLinearMethod(LinearMethodBase):
-    """vLLM's compressed-tensors linear method, then y[..., S] = x @ rows_weight^T (+ bias[S])."""
+    """vLLM's compressed-tensors linear method, then y[..., S] = x @ rows_weight^T (+ bias[S]); the rows are
+    held in fp32 (the stored fp16 values, exactly, whatever dtype vLLM serves in)."""
 
     def __init__(self, base: CompressedTensorsLinearMethod, names: list[str], rows: list[int]):
         self.base, self.names, self.rows = base, names, rows
@@ -75,7 +76,7 @@ class RowsLinearMethod(LinearMethodBase):
         slots = RowSlots(self.names, self.rows, list(output_partition_sizes), input_size)
         layer.mvquant_rows = slots
         for kind, t in (("index", torch.zeros(slots.total, dtype=torch.int32)),
-                        ("weight", torch.zeros(slots.total, input_size, dtype=params_dtype))):
+                        ("weight", torch.zeros(slots.total, input_size, dtype=torch.float32))):   # fp16 rows, exactly
             p = torch.nn.Parameter(t, requires_grad=False)
             set_weight_attrs(p, {"weight_loader": lambda param, w, shard_id=None, kind=kind:
                                  slots.load(kind, param.data, w, shard_id)})
@@ -88,3 +89,21 @@ class RowsLinearMethod(LinearMethodBase):
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_rows(self.base.apply(layer, x, bias), x, layer.rows_index, layer.rows_weight, bias)
+
+
+def effective_weights(model, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """For checks (benchmarks/rows_equivalence.py, via LLM.apply_model; importable, so vLLM can send it to
+    its workers): the effective weight of every checkpoint module a mvquant-rows layer serves, read by
+    running the layer's own quant method (W4A16 kernel + row overwrite) on the identity in `dtype` (the
+    activation dtype vLLM serves in)."""
+    res = {}
+    for layer in model.modules():
+        slots = getattr(layer, "mvquant_rows", None)
+        if slots is None:
+            continue
+        eye = torch.eye(slots.in_features, dtype=dtype)
+        with torch.no_grad():
+            w = layer.quant_method.apply(layer, eye).t().contiguous()
+        for s in slots.shards:
+            res[s.name] = w[s.out_offset: s.out_offset + s.out_size].clone()
+    return res

@@ -27,16 +27,19 @@ SHARD_IDS = {"q": 0, "k": 1, "v": 2}          # vLLM's QKVParallelLinear shard i
 
 def apply_rows(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y[..., index] = x @ weight^T (+ bias[index]), in place; index int64."""
+    """y[..., index] = x @ weight^T (+ bias[index]), in place; index int64. Computed in weight's dtype
+    (the plugin keeps the fp16 rows as fp32, exactly: torch's fp16 GEMM on CPUs without AVX512-FP16 is
+    ~50x slower than fp32 for this |S| x in shape), rounded once to y's dtype."""
     if index.numel():
-        y.index_copy_(y.dim() - 1, index, F.linear(x, weight, None if bias is None else bias[index]))
+        b = None if bias is None else bias[index].to(weight.dtype)
+        y.index_copy_(y.dim() - 1, index, F.linear(x.to(weight.dtype), weight, b).to(y.dtype))
     return y
 
 
 def apply_delta(y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The alternative correction: y[..., index] += x @ delta^T (bias already in y). Measured, not used."""
     if index.numel():
-        y.index_add_(y.dim() - 1, index, F.linear(x, delta))
+        y.index_add_(y.dim() - 1, index, F.linear(x.to(delta.dtype), delta).to(y.dtype))
     return y
 
 
