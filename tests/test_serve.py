@@ -3,10 +3,11 @@ and runs only where the serving environment exists:
 
     bash scripts/setup-serve.sh && python -m pytest -m serve tests/test_serve.py
 
-It exports a protected W4 checkpoint of the built-in model, serves it with the protect-LoRA, and checks
-that the served model's greedy text and task accuracy match transformers + peft / mvquant in process.
-The last result is written to evals/results/serve/test_serve.json."""
+It exports a protected W4 checkpoint of the built-in model (--protect-as rows: the mvquant-rows plugin
+method; fp16: q/k/v dense), serves it, and checks that the served model's task accuracy matches mvquant
+in process item by item. The last results: evals/results/serve/test_serve_rows.json, test_serve.json (fp16)."""
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -57,6 +58,20 @@ def test_serve_engine_failure_is_one_line(tmp_path, capsys):
     assert time.time() - t < 20
 
 
+def test_rows_export_needs_the_plugin(tmp_path, capsys):
+    """quant_method mvquant-rows only runs with plugins/mvquant-vllm: refused before vLLM starts."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "mvquant-rows"}}))
+    fake = tmp_path / "venv" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "python").write_text("#!/bin/sh\necho 'WNA16 1'\necho 'PLUGIN 0'\n")
+    (fake / "python").chmod(0o755)
+    assert main(["serve", str(out), "--venv", str(tmp_path / "venv"), "--port", "8798"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mvquant-vllm plugin" in err and "--protect-as lora or fp16" in err
+
+
 def test_vllm_command_enables_the_adapter(tmp_path):
     out = tmp_path / "out"
     (out / "protect-lora").mkdir(parents=True)
@@ -77,11 +92,16 @@ def test_eval_url_refusals(capsys):
     assert "no OpenAI-compatible server answers" in err
 
 
+FORMS = {"rows": "W4A16 g64 (compressed-tensors) + protected rows fp16 (mvquant-rows plugin)",
+         "fp16": "W4A16 g64 (compressed-tensors), protected q/k/v dense fp16"}
+
+
 @pytest.mark.serve
 @pytest.mark.skipif(not (DEFAULT_VENV / "bin" / "python").exists(), reason="no .venv-serve (bash scripts/setup-serve.sh)")
-def test_vllm_serves_the_export_like_mvquant(tmp_path):
-    """The default export (--protect-as fp16: exact, no adapter) served by vLLM scores the same items as
-    mvquant in process. (A LoRA-enabled vLLM 0.32 CPU server crashes on prompt log-probabilities,
+@pytest.mark.parametrize("protect_as", list(FORMS))
+def test_vllm_serves_the_export_like_mvquant(tmp_path, protect_as):
+    """The exports without an adapter (--protect-as rows, the default, and fp16) served by vLLM score the
+    same items as mvquant in process. (A LoRA-enabled vLLM 0.32 CPU server crashes on prompt log-probabilities,
     vllm#29955, so the protect-LoRA route is checked for equal logits through transformers + peft in
     tests/test_export.py and benchmarks/export_equivalence.py instead.)"""
     import mvquant
@@ -96,9 +116,9 @@ def test_vllm_serves_the_export_like_mvquant(tmp_path):
     ck = mvquant.save_quantized(model, tok, tmp_path / "ck", report=report)
     from mvquant.serving.server import check_kernel, serve_python
 
-    export_compressed_tensors(ck, tmp_path / "out", protect_as="fp16")
-    check_kernel(serve_python(), tmp_path / "out")   # an AVX2 CPU needs plugins/mvquant-vllm (setup-serve.sh)
-    target, form = tmp_path / "out", "W4A16 g64 (compressed-tensors), protected q/k/v dense fp16"
+    export_compressed_tensors(ck, tmp_path / "out", protect_as=protect_as)
+    check_kernel(serve_python(), tmp_path / "out")   # an AVX2 CPU and the rows format need plugins/mvquant-vllm
+    target, form = tmp_path / "out", FORMS[protect_as]
     tasks = "passkey_128,kv_retrieval,capitals"
     ours = evaluate(str(ck), tasks, limit=20, progress=False)
     with running_server(target, 8017, lora=False, log=tmp_path / "vllm.log", timeout=900, check=False) as url:
@@ -110,9 +130,13 @@ def test_vllm_serves_the_export_like_mvquant(tmp_path):
                   "items_agreeing": sum(a == b for a, b in zip(served["tasks"][t].get("correct", []),
                                                                 ours["tasks"][t].get("correct", [])))}
               for t in ours["tasks"]}
-    dest = REPO / "evals" / "results" / "serve" / "test_serve.json"
+    dest = REPO / "evals" / "results" / "serve" / ("test_serve.json" if protect_as == "fp16" else
+                                                    f"test_serve_{protect_as}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"test": "test_vllm_serves_the_export_like_mvquant", "served": form, "vllm_kernel": kernel,
+    dest.write_text(json.dumps({"test": f"test_vllm_serves_the_export_like_mvquant[{protect_as}]", "served": form,
+                                "vllm_kernel": kernel, "MVQUANT_VLLM_INT4": os.environ.get("MVQUANT_VLLM_INT4", "auto"),
+                                "quant_method": json.loads((target / "config.json").read_text())["quantization_config"]
+                                ["quant_method"],
                                 "command": "python -m pytest -m serve tests/test_serve.py", "tasks": result,
                                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
     assert kernel != "?"

@@ -5,7 +5,7 @@ import argparse
 
 from ..errors import MvquantError
 
-HELP = "export a checkpoint as compressed-tensors W4A16/W8A16 with the protected rows as an exact LoRA (vLLM, transformers+peft)"
+HELP = "export a checkpoint as compressed-tensors W4A16/W8A16 with its protected rows exact (vLLM + our plugin; or LoRA / dense for any engine)"
 FORMATS = ("compressed-tensors",)
 
 
@@ -15,10 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="an mvquant checkpoint directory (mvquant quantize --output)")
     p.add_argument("--format", default="compressed-tensors", help="compressed-tensors (the only one)")
     p.add_argument("--output", "-o", required=True, help="directory to write (its parent must exist)")
-    p.add_argument("--protect-as", default="fp16", choices=PROTECT_AS,
-                   help="fp16 (default): layers with protected rows keep q/k/v dense, exact, no adapter (vLLM keeps "
-                        "compilation on and can score log-likelihoods); lora: every linear packed, protected rows "
-                        "restored exactly by OUT/protect-lora/ (smallest; vLLM disables compilation with LoRA)")
+    p.add_argument("--protect-as", default="rows", choices=PROTECT_AS,
+                   help="rows (default): every linear packed plus the protected rows themselves, applied inside "
+                        "vLLM by plugins/mvquant-vllm (quant_method mvquant-rows: engines without it refuse it); "
+                        "lora: protected rows restored exactly by OUT/protect-lora/ (any vLLM or peft; vLLM disables "
+                        "compilation with LoRA); fp16: q/k/v kept dense where protected (any engine, largest)")
     p.add_argument("--dtype", default="float16", choices=list(DTYPES),
                    help="dtype of the unquantized tensors (default float16: the fp16 scales stay exact)")
     p.add_argument("--force", action="store_true", help="replace an existing --output directory")
@@ -37,6 +38,9 @@ def run(args) -> int:
     if s["lora_modules"]:
         print(f"  {args.output}/{LORA_DIR}/: {s['protected_rows']} protected rows in {len(s['lora_modules'])} "
               f"modules, LoRA rank {s['lora_rank']} (load with peft, or vLLM --enable-lora)")
+    elif s["rows_modules"]:
+        print(f"  {s['protected_rows']} protected rows in {len(s['rows_modules'])} modules stored as fp16 rows "
+              f"(quant_method mvquant-rows: serve with vLLM + plugins/mvquant-vllm, mvquant serve)")
     elif s["dense_modules"]:
         print(f"  {len(s['dense_modules'])} attention projections kept dense ({s['dtype']}): protected rows exact")
     return 0

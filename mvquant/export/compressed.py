@@ -1,12 +1,20 @@
-"""mvquant checkpoint -> compressed-tensors (pack-quantized W4A16 / W8A16) + exact protect-LoRA.
+"""mvquant checkpoint -> compressed-tensors (pack-quantized W4A16 / W8A16) + its protected rows, exact.
 
 The packed rows keep their stored codes, fp16 scales and zero points bit for bit; only the format
 changes (compressed-tensors' signed codes q - 2^(b-1), packed into int32 by its own pack_to_int32).
 Protected rows have no place in a one-precision linear, so they are re-quantized RTN on the module's
-grid and restored by a correction (see lora.py), or the whole attention projection stays dense.
+grid and restored exactly in one of three ways (--protect-as):
 
-    OUT/config.json                   quantization_config: quant_method "compressed-tensors"
+  rows  the protected rows themselves beside the packed weight: `{module}.rows_index` (int32 [|S|]) and
+        `{module}.rows_weight` (fp16 [|S|, in], the stored rows). vLLM + plugins/mvquant-vllm computes
+        the packed linear with its own W4A16 kernel and overwrites y[..., S] with x @ rows_weight^T.
+        quant_method "mvquant-rows" (ROWS_METHOD): an engine without the plugin refuses the checkpoint.
+  lora  a PEFT LoRA (see lora.py), for engines without the plugin (vLLM --enable-lora, transformers+peft)
+  fp16  the attention projections with protected rows stay dense (any engine, no adapter)
+
+    OUT/config.json                   quantization_config: quant_method "compressed-tensors" (or ROWS_METHOD)
     OUT/model.safetensors             weight_packed / weight_scale / weight_zero_point / weight_shape
+                                      (+ rows_index / rows_weight with --protect-as rows)
     OUT/protect-lora/                 adapter_config.json + adapter_model.safetensors (--protect-as lora)
     OUT/tokenizer files, generation_config.json, mvquant_export.json
     OUT/calibration/calibration.json (+ .stats.safetensors)   the report the protection came from
@@ -24,7 +32,9 @@ from ..io import atomic_directory, atomic_write_json, check_output_path, output_
 from ..quantization import core
 from .lora import padded_rank, selector_and_delta
 
-PROTECT_AS = ("lora", "fp16")
+PROTECT_AS = ("rows", "lora", "fp16")
+ROWS_METHOD = "mvquant-rows"         # the quant_method only plugins/mvquant-vllm registers with vLLM
+ROWS_KEY = "mvquant_rows"            # quantization_config[ROWS_KEY]: {"modules": {name: |S|}, ...}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ENGINE_BITS = (4, 8)
 LORA_DIR = "protect-lora"
@@ -87,8 +97,10 @@ def from_compressed(tensors: dict, name: str, bits: int) -> torch.Tensor:
     return (q - core.expand_groups(z, shape[1], shape[1] // s.shape[1])) * core.expand_groups(s, shape[1], shape[1] // s.shape[1])
 
 
-def quantization_config(bits: int, group_size: int | None, symmetric: bool, ignore: list[str]) -> dict:
-    """The config.json `quantization_config`, built from compressed-tensors' own typed classes."""
+def quantization_config(bits: int, group_size: int | None, symmetric: bool, ignore: list[str],
+                        rows: dict[str, int] | None = None) -> dict:
+    """The config.json `quantization_config`, built from compressed-tensors' own typed classes. With
+    `rows` ({module: |S|}, --protect-as rows) it names ROWS_METHOD and lists the row-corrected modules."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
@@ -98,6 +110,10 @@ def quantization_config(bits: int, group_size: int | None, symmetric: bool, igno
                              quantization_status="compressed", ignore=sorted(ignore))
     d = cfg.model_dump(exclude_none=True)
     d["quant_method"] = "compressed-tensors"
+    if rows is not None:
+        d["quant_method"] = ROWS_METHOD
+        d[ROWS_KEY] = {"version": 1, "correction": "overwrite", "index": "rows_index", "weight": "rows_weight",
+                       "modules": dict(sorted(rows.items()))}
     return d
 
 
@@ -142,7 +158,7 @@ def _dense_siblings(modules: dict) -> set[str]:
 
 
 # -- the export ------------------------------------------------------------------------------------
-def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: str = "float16",
+def export_compressed_tensors(ckpt, output, *, protect_as: str = "rows", dtype: str = "float16",
                               force: bool = False) -> dict:
     """Write OUT (see the module docstring). Returns the summary also written to mvquant_export.json."""
     from ..checkpoint import load, verify_checkpoint
@@ -176,8 +192,8 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
     bits, group, sym = qc["bits"], qc.get("group_size"), bool(qc.get("symmetric"))
 
     dense = _dense_siblings(modules) if protect_as == "fp16" else set()
-    tensors, lora, n_protected, max_rows = {}, {}, 0, 0
-    packed_bits, packed_weights = 0, 0
+    tensors, lora, rows, n_protected, max_rows = {}, {}, {}, 0, 0
+    packed_bits, packed_weights, rows_bits = 0, 0, 0
     for name, m in modules.items():
         n_protected += m.n_protected
         packed_weights += m.out_features * m.in_features
@@ -191,7 +207,12 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
         for k, t in to_compressed(codes, scales, zeros, bits).items():
             tensors[f"{name}.{k}"] = t
         packed_bits += codes.numel() * bits + scales.numel() * 16 + (0 if zeros is None else zeros.numel() * bits)
-        if m.n_protected:
+        if m.n_protected and protect_as == "rows":
+            tensors[f"{name}.rows_index"] = m.protected_rows.to(torch.int32)
+            tensors[f"{name}.rows_weight"] = m.protected_weight.to(torch.float16)   # as stored: exact
+            rows[name] = m.n_protected
+            rows_bits += m.n_protected * (32 + 16 * m.in_features)
+        elif m.n_protected:
             lora[name] = (m.protected_rows.long(), delta, m.out_features)
             max_rows = max(max_rows, m.n_protected)
     # everything that is not a quantized linear: embeddings, norms, an unquantized lm_head
@@ -207,13 +228,14 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
     summary = {"source": str(ckpt), "format": "compressed-tensors", "pack": "pack-quantized",
                "bits": bits, "group_size": group, "symmetric": sym, "dtype": dtype, "protect_as": protect_as,
                "protected_rows": n_protected, "dense_modules": sorted(dense), "lora_rank": rank,
-               "lora_modules": sorted(lora)}
+               "lora_modules": sorted(lora), "rows_modules": sorted(rows)}
     with atomic_directory(output, force=force, inputs=(ckpt,), marker=MARKER) as tmp:
         save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
                          metadata={"format": "pt"})
         config = model.config
         saved_qc = getattr(config, "quantization_config", None)
-        config.quantization_config = quantization_config(bits, group, sym, ignore)
+        config.quantization_config = quantization_config(bits, group, sym, ignore,
+                                                         rows or None)
         saved_dtype = getattr(config, "dtype", None)
         config.dtype = tdtype
         try:
@@ -229,7 +251,7 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "lora", dtype: 
                 shutil.copy2(f, dest / f.name)
         if lora:
             lora_bits = _write_lora(tmp / LORA_DIR, lora, rank, tdtype)
-        summary["bits_per_weight"] = round((packed_bits + lora_bits) / max(packed_weights, 1), 4)
+        summary["bits_per_weight"] = round((packed_bits + lora_bits + rows_bits) / max(packed_weights, 1), 4)
         summary["bits_per_weight_base"] = round(packed_bits / max(packed_weights, 1), 4)
         # written last, listing every file: what --force may later replace (mvquant/io.py)
         atomic_write_json(tmp / MARKER, {**summary, "files": output_files(tmp)})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import MvquantError
 
-HELP = "serve an exported checkpoint (mvquant export) with vLLM on 127.0.0.1, protect-LoRA enabled"
+HELP = "serve an exported checkpoint (mvquant export) with vLLM on 127.0.0.1 (protected rows by the mvquant-vllm plugin, or a protect-LoRA)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

