@@ -95,3 +95,83 @@ class LlamaCpp:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def gguf_bool(path, key: str, default: bool = False) -> bool:
+    from gguf import GGUFReader
+
+    f = GGUFReader(str(path)).fields.get(key)
+    return default if f is None else bool(f.contents())
+
+
+def default_adapter(model) -> Path | None:
+    """MODEL.protect.gguf next to MODEL.gguf (what `mvquant export --format gguf` writes), if present."""
+    from ..export.gguf_export import adapter_path
+
+    a = adapter_path(model)
+    return a if a.is_file() else None
+
+
+def llamacpp_lm(model, *, lora="auto", tokenizer=None, threads: int = 2, n_ctx: int = 2048, progress: bool = True):
+    """An lm-eval model scoring log-likelihoods in llama.cpp. Token ids come from `tokenizer` (a
+    directory) or the GGUF's own tokenizer as transformers reads it; a BOS is prepended when the GGUF
+    says llama.cpp adds one (tokenizer.ggml.add_bos_token), as llama.cpp itself would."""
+    from lm_eval.api.model import TemplateLM
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    model = Path(model)
+    if not model.is_file():
+        raise MvquantError(f"GGUF file '{model}' does not exist")
+    lora = default_adapter(model) if lora == "auto" else (None if lora in (None, "none") else Path(lora))
+    try:
+        tok = (AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer else
+               AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name))
+    except (OSError, ValueError) as e:
+        raise MvquantError(f"no tokenizer for '{model}' ({str(e).splitlines()[0][:200]}): pass --tokenizer DIR "
+                           "(the checkpoint it was exported from)") from None
+    add_bos = gguf_bool(model, "tokenizer.ggml.add_bos_token") and tok.bos_token_id is not None
+    engine = LlamaCpp(model, lora=lora, threads=threads, n_ctx=n_ctx)
+
+    class LlamaCppLM(TemplateLM):
+        disruption = None
+        kv_cache = None
+
+        def __init__(self):
+            super().__init__()
+            self.tokenizer, self.engine = tok, engine
+            self.model_name = f"{model}" + (f" + {lora}" if lora else "")
+            self.lora = lora
+
+        @property
+        def eot_token_id(self):
+            return tok.eos_token_id
+
+        @property
+        def prefix_token_id(self):
+            return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+        def tok_encode(self, string, add_special_tokens=None, **kw):
+            ids = tok.encode(string, add_special_tokens=False)
+            return [tok.bos_token_id] + ids if add_bos and add_special_tokens is not False else ids
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
+            out = []
+            for key, ctx, cont in tqdm(requests, desc="llama.cpp", disable=disable_tqdm or not progress):
+                ans = engine.loglik(ctx, cont)
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, ans)
+                out.append(ans)
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise MvquantError("llama.cpp scoring covers log-likelihood tasks (every bundled task); rolling "
+                               "perplexity: use benchmarks/bench_llamacpp.py or llama-perplexity")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise MvquantError("llama.cpp scoring covers log-likelihood tasks (every bundled task), not generation")
+
+        def close(self):
+            engine.close()
+
+    return LlamaCppLM()
