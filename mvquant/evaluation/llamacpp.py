@@ -36,7 +36,7 @@ def venv_tool(name: str) -> Path | None:
 class LlamaCpp:
     """with LlamaCpp("m.gguf", lora="m.protect.gguf") as lm: lm.loglik(ctx_ids, cont_ids)"""
 
-    def __init__(self, model, *, lora=None, threads: int = 2, n_ctx: int = 2048):
+    def __init__(self, model, *, lora=None, threads: int = 2, n_ctx: int = 2048, logits_all: bool = True):
         model = Path(model)
         if not model.is_file():
             raise MvquantError(f"GGUF file '{model}' does not exist")
@@ -46,6 +46,8 @@ class LlamaCpp:
                "--threads", str(threads), "--n-ctx", str(n_ctx)]
         if lora is not None:
             cmd += ["--lora", str(lora)]
+        if not logits_all:
+            cmd.append("--no-logits-all")
         self.model, self.lora, self.n_ctx = model, lora, n_ctx
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1)
@@ -78,6 +80,14 @@ class LlamaCpp:
             path = os.path.join(d, "logits.npy")
             self._ask({"op": "logits", "tokens": list(tokens), "path": path})
             return np.load(path)
+
+    def nll(self, tokens: list[int]) -> list[float]:
+        """Per predicted token -log p(token | previous), as llama.cpp computes it."""
+        return self._ask({"op": "nll", "tokens": list(tokens)})["nll"]
+
+    def bench(self, prompt: list[int], decode: list[int]) -> dict:
+        """Seconds to prefill `prompt`, then to decode `decode` one token per forward (batch 1)."""
+        return self._ask({"op": "bench", "prompt": list(prompt), "decode": list(decode)})
 
     def generate(self, tokens: list[int], max_tokens: int) -> list[int]:
         return self._ask({"op": "generate", "tokens": list(tokens), "max_tokens": max_tokens})["tokens"]

@@ -6,6 +6,8 @@ One JSON request per stdin line, one JSON answer per stdout line (nothing else i
     {"op": "loglik", "context": [ids], "continuation": [ids]}  -> {"logprob": float, "greedy": bool}
     {"op": "logits", "tokens": [ids], "path": "X.npy"}         -> {"shape": [n, vocab]}  (float32 to X.npy)
     {"op": "generate", "tokens": [ids], "max_tokens": n}       -> {"tokens": [ids]}  (greedy, llama.cpp's sampler)
+    {"op": "nll", "tokens": [ids]}                             -> {"nll": [per predicted token]}
+    {"op": "bench", "prompt": [ids], "decode": [ids]}          -> {"prefill_s", "decode_s"} (start --no-logits-all)
     {"op": "info"}                                             -> {"n_vocab", "n_ctx", "system_info"}
 Token ids come from mvquant's tokenizer, so llama.cpp scores exactly the tokens scored in process.
 This file imports only the venv's own packages (llama_cpp, numpy): no mvquant, no torch.
@@ -34,9 +36,10 @@ def main(argv=None) -> int:
     p.add_argument("--lora", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--no-logits-all", action="store_true", help="timing: logits of the last token only, as llama.cpp's tools")
     a = p.parse_args(argv)
     llm = Llama(model_path=a.model, lora_path=a.lora, n_ctx=a.n_ctx, n_batch=512, n_threads=a.threads,
-                n_threads_batch=a.threads, logits_all=True, verbose=False)
+                n_threads_batch=a.threads, logits_all=not a.no_logits_all, verbose=False)
     out = sys.stdout
     for line in sys.stdin:
         if not line.strip():
@@ -60,6 +63,24 @@ def main(argv=None) -> int:
                     logprob += float(log_softmax_row(row)[toks[i]])
                     greedy &= int(np.argmax(row)) == toks[i]
                 ans = {"logprob": logprob, "greedy": bool(greedy)}
+            elif op == "nll":
+                toks = list(req["tokens"])
+                llm.reset()
+                llm.eval(toks)
+                x = np.asarray(llm.scores[: len(toks) - 1], dtype=np.float64)
+                m = x.max(-1, keepdims=True)
+                lse = (m[:, 0] + np.log(np.exp(x - m).sum(-1)))
+                ans = {"nll": (lse - x[np.arange(len(toks) - 1), toks[1:]]).tolist()}
+            elif op == "bench":
+                import time
+                llm.reset()
+                t = time.perf_counter()
+                llm.eval(list(req["prompt"]))
+                t_prefill = time.perf_counter() - t
+                t = time.perf_counter()
+                for tok in req["decode"]:          # batch 1: one token per forward, on top of the prompt
+                    llm.eval([tok])
+                ans = {"prefill_s": t_prefill, "decode_s": time.perf_counter() - t}
             elif op == "logits":
                 llm.reset()
                 llm.eval(list(req["tokens"]))
