@@ -167,6 +167,7 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
     if qc.get("bits") is not None:
         gguf_blocks.gguf_type(qc["bits"], bool(qc.get("symmetric")), qc.get("group_size"), 32, int4)
     src = llamacpp_dir()
+    cfg_type = str(json.loads((ckpt / "config.json").read_text()).get("model_type", ""))
     verify_checkpoint(ckpt, checksums=True)
     model = load(ckpt)
     modules = quantized_modules(model)
@@ -186,6 +187,10 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
             if r.returncode == 2:
                 raise MvquantError(lines[-1])
             raise RuntimeError(f"llama.cpp's converter failed: {lines[-1]}")
+        if cfg_type.startswith("gemma") and not (ckpt / "tokenizer.model").is_file():
+            print("warning: no tokenizer.model in the checkpoint (a model loaded from GGUF): llama.cpp's converter "
+                  "then reads tokenizer.json as BPE, so text that llama.cpp tokenizes itself may split differently; "
+                  "mvquant eval --engine llamacpp passes mvquant's token ids and is unaffected", file=sys.stderr)
         if with_adapter:
             apply_umask(tmp_adapter)
             os.replace(tmp_adapter, adapter)
