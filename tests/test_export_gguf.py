@@ -230,6 +230,14 @@ def test_export_refusals(exports, tmp_path, capsys):
     before = out.stat().st_mtime_ns
     assert main(["export", str(ck), "--format", "gguf", "--output", str(out)]) == 2        # exists, no --force
     assert "already exists" in capsys.readouterr().err and out.stat().st_mtime_ns == before
+    # --force into the f16 form removes the replaced export's adapter (else --lora auto would pick it up)
+    mine = tmp_path / "mine.gguf"
+    shutil.copy(out, mine)
+    shutil.copy(adapter_path(out), adapter_path(mine))
+    assert main(["export", str(ck), "--format", "gguf", "--protect-as", "f16", "--output", str(mine)]) == 2
+    assert main(["export", str(ck), "--format", "gguf", "--protect-as", "f16", "--output", str(mine), "--force"]) == 0
+    assert mine.is_file() and not adapter_path(mine).exists()
+    mine.unlink()
     ck2 = _checkpoint(tmp_path, "llama", bits=2)
     assert main(["export", str(ck2), "--format", "gguf", "--output", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err

@@ -155,8 +155,8 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
         raise MvquantError(f"--output '{output}' must be a .gguf file, e.g. --output model.gguf")
     check_output_path(output, force=force, kind="file")
     adapter = adapter_path(output)
-    if protect_as == "lora":
-        check_output_path(adapter, force=force, kind="file")
+    # checked in both forms: a stale adapter beside a new base would be picked up by --lora auto
+    check_output_path(adapter, force=force, kind="file")
     if not (ckpt / "config.json").is_file():
         raise MvquantError(f"'{ckpt}' is not a checkpoint directory (no config.json): give the --output of mvquant quantize")
     qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
@@ -196,6 +196,8 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
             os.replace(tmp_adapter, adapter)
         apply_umask(tmp_out)
         os.replace(tmp_out, output)
+        if not with_adapter and adapter.is_file():      # --force: the adapter of the replaced export
+            adapter.unlink()
     summary.update({"output": str(output), "adapter": str(adapter) if with_adapter else None,
                     "protect_as": protect_as, "source": str(ckpt), "bytes": output.stat().st_size,
                     "adapter_bytes": adapter.stat().st_size if with_adapter else 0})
@@ -211,7 +213,7 @@ def run_cli(args) -> int:
           f"bits/weight over the quantized linears, other tensors as llama.cpp's converter writes them")
     if s["adapter"]:
         print(f"  {s['adapter']} ({s['adapter_bytes'] / 2**20:.2f} MiB): {s['protected_rows']} protected rows, exact "
-              f"(llama-cli -m {s['output']} --lora {s['adapter']}; without --lora the rows stay re-quantized)")
+              f"(llama.cpp: -m {s['output']} --lora {s['adapter']}; without --lora the rows stay re-quantized)")
     elif s["protected_rows"]:
         print(f"  {s['types'].get('F16', 0)} linears with protected rows stored F16: {s['protected_rows']} rows exact")
     return 0
