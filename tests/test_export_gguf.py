@@ -258,3 +258,14 @@ def test_export_refusals(exports, tmp_path, capsys):
     errors = [ln for ln in err.splitlines() if "error:" in ln]          # (transformers' load progress aside)
     assert len(errors) == 1 and "does not know the architecture 'NoSuchModelForCausalLM'" in errors[0]
     assert sorted(os.listdir(tmp_path)) == ["ck-foreign", "ck-llama-2"]                                # nothing half-written
+
+
+def test_eval_engine_llamacpp_refusals(tmp_path, capsys):
+    """What `mvquant eval --engine llamacpp` refuses before loading anything (one line, exit 2)."""
+    for argv, match in ((["eval", str(tmp_path / "ck"), "--engine", "llamacpp"], "scores a .gguf file"),
+                        (["eval", "smollm2-135m", "--lora", "x.gguf"], "--lora is for --engine llamacpp"),
+                        (["eval", str(tmp_path / "missing.gguf"), "--engine", "llamacpp", "--disrupt", "massive"],
+                         "in process")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err

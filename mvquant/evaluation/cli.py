@@ -126,6 +126,14 @@ def run(args) -> int:
     if args.output:
         check_output_path(args.output, force=args.force)
     limit = check_limit(args.limit)
+    from .remote import is_url
+    if args.engine == "llamacpp" and (is_url(args.model) or not str(args.model).endswith(".gguf")):
+        raise MvquantError(f"--engine llamacpp scores a .gguf file (mvquant export --format gguf), not '{args.model}'")
+    if args.engine == "llamacpp" and (args.disrupt is not None or args.kv_bits is not None):
+        raise MvquantError("--disrupt and --kv-bits act inside mvquant's model: evaluate the checkpoint in process, "
+                           "not a GGUF in llama.cpp")
+    if args.engine != "llamacpp" and args.lora != "auto":
+        raise MvquantError("--lora is for --engine llamacpp")
     disrupt_opts = (args.top_k, args.lam, args.layers) + ((args.calibration,) if args.kv_bits is None else ())
     if args.disrupt is None and any(o is not None for o in disrupt_opts) or (args.disrupt is None and args.pairs):
         raise MvquantError("--top-k/--lambda/--layers/--pairs/--calibration select what to disrupt: add "
@@ -137,10 +145,6 @@ def run(args) -> int:
     if is_url(args.model) and args.disrupt is not None:
         raise MvquantError("--disrupt edits activations inside the model: evaluate a model or checkpoint in this "
                            "process, not a server URL")
-    if args.engine == "llamacpp" and (is_url(args.model) or not str(args.model).endswith(".gguf")):
-        raise MvquantError(f"--engine llamacpp scores a .gguf file (mvquant export --format gguf), not '{args.model}'")
-    if args.engine != "llamacpp" and args.lora != "auto":
-        raise MvquantError("--lora is for --engine llamacpp")
     if not is_url(args.model) and (args.served_model or (args.tokenizer and args.engine != "llamacpp")):
         raise MvquantError("--served-model/--tokenizer are for a server URL (http://127.0.0.1:8000/v1)")
     _check_disruption_args(args)
