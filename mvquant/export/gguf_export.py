@@ -150,6 +150,8 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
 
     if protect_as not in PROTECT_AS:
         raise MvquantError(f"--protect-as '{protect_as}' is not a GGUF form: use lora (default) or f16")
+    if int4 not in gguf_blocks.INT4_TYPES:
+        raise MvquantError(f"unknown --gguf-int4 '{int4}': use {' or '.join(gguf_blocks.INT4_TYPES)}")
     ckpt, output = Path(ckpt), Path(output)
     if output.suffix != ".gguf":
         raise MvquantError(f"--output '{output}' must be a .gguf file, e.g. --output model.gguf")
