@@ -238,6 +238,7 @@ def test_export_refusals(exports, tmp_path, capsys):
     assert main(["export", str(ck), "--format", "gguf", "--protect-as", "f16", "--output", str(mine), "--force"]) == 0
     assert mine.is_file() and not adapter_path(mine).exists()
     mine.unlink()
+    capsys.readouterr()
     ck2 = _checkpoint(tmp_path, "llama", bits=2)
     assert main(["export", str(ck2), "--format", "gguf", "--output", str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err
