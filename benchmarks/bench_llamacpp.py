@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--require-lock", action="store_true", help="exit without timing if the lock is not free in --lock-wait")
     p.add_argument("--timing-only", action="store_true", help="skip the perplexity pass (speed rows only)")
     p.add_argument("--lock-wait", type=float, default=600, help="seconds to wait for the bench lock (then time anyway, noted)")
     p.add_argument("--output", help="write the result JSON here")
@@ -156,6 +157,9 @@ def main(argv=None) -> int:
 
     times = {label: [] for label in rows}
     with bench_lock(a.lock_wait) as lock:
+        if a.require_lock and lock["lock"] != "held":
+            print(f"bench lock not free after {a.lock_wait:.0f} s: no timing (--require-lock)", file=sys.stderr)
+            return 3
         for lm in engines.values():
             lm.bench(prompt[:16], decode[:4])                                   # warm-up
         with torch.inference_mode():
