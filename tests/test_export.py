@@ -203,7 +203,7 @@ def test_refuses_existing_output_corrupt_and_foreign(ckpts, tmp_path, capsys):
     plain = tmp_path / "plain"
     make_tiny_model("llama").save_pretrained(plain)
     _refused(capsys, ["export", str(plain), "--output", str(tmp_path / "o")], "not an mvquant checkpoint", tmp_path / "o")
-    _refused(capsys, ["export", str(cks["llama"]), "--format", "gguf", "--output", str(tmp_path / "o")],
+    _refused(capsys, ["export", str(cks["llama"]), "--format", "onnx", "--output", str(tmp_path / "o")],
              "unknown --format", tmp_path / "o")
 
 

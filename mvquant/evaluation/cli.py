@@ -50,7 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--served-model", help="with a server URL: the served model name (default: 'protect', the "
                    "protect-LoRA, when served, else the first)")
-    p.add_argument("--tokenizer", help="with a server URL: tokenizer directory (default: the served model's own)")
+    p.add_argument("--tokenizer", help="with a server URL or --engine llamacpp: tokenizer directory (default: the "
+                   "served model's own / the GGUF's own)")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "llamacpp"],
+                   help="llamacpp: score MODEL.gguf in llama.cpp (bash scripts/setup-llamacpp.sh), on the same items")
+    p.add_argument("--lora", default="auto", help="--engine llamacpp: adapter to apply (default auto: MODEL.protect.gguf "
+                   "when present; none: the bare base)")
 
 
 def _check_disruption_args(args) -> None:
@@ -123,6 +128,14 @@ def run(args) -> int:
     if args.output:
         check_output_path(args.output, force=args.force, inputs=(args.model, args.calibration))
     limit = check_limit(args.limit)
+    from .remote import is_url
+    if args.engine == "llamacpp" and (is_url(args.model) or not str(args.model).endswith(".gguf")):
+        raise MvquantError(f"--engine llamacpp scores a .gguf file (mvquant export --format gguf), not '{args.model}'")
+    if args.engine == "llamacpp" and (args.disrupt is not None or args.kv_bits is not None):
+        raise MvquantError("--disrupt and --kv-bits act inside mvquant's model: evaluate the checkpoint in process, "
+                           "not a GGUF in llama.cpp")
+    if args.engine != "llamacpp" and args.lora != "auto":
+        raise MvquantError("--lora is for --engine llamacpp")
     disrupt_opts = (args.top_k, args.lam, args.layers) + ((args.calibration,) if args.kv_bits is None else ())
     if args.disrupt is None and any(o is not None for o in disrupt_opts) or (args.disrupt is None and args.pairs):
         raise MvquantError("--top-k/--lambda/--layers/--pairs/--calibration select what to disrupt: add "
@@ -134,13 +147,14 @@ def run(args) -> int:
     if is_url(args.model) and args.disrupt is not None:
         raise MvquantError("--disrupt edits activations inside the model: evaluate a model or checkpoint in this "
                            "process, not a server URL")
-    if not is_url(args.model) and (args.served_model or args.tokenizer):
+    if not is_url(args.model) and (args.served_model or (args.tokenizer and args.engine != "llamacpp")):
         raise MvquantError("--served-model/--tokenizer are for a server URL (http://127.0.0.1:8000/v1)")
     _check_disruption_args(args)
     result = evaluate(args.model, args.tasks, limit=limit, disrupt=args.disrupt, top_k=args.top_k, lam=args.lam,
                       layers=args.layers, pairs=args.pairs, report=args.calibration, dtype=args.dtype,
                       max_tokens=args.max_tokens, include_path=args.include_path, progress=not args.no_progress,
-                      served_model=args.served_model, tokenizer=args.tokenizer, kv=kv)
+                      served_model=args.served_model, tokenizer=args.tokenizer, kv=kv, engine=args.engine,
+                      lora=args.lora)
     result["command"] = "mvquant eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
     print(to_markdown(result))
     if result["disruption"]:

@@ -104,7 +104,8 @@ def base_model_name(model_or_path) -> str | None:
 def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, disrupt=None, top_k=None,
              lam=None, layers=None, pairs: bool = False, report=None, max_tokens: int = 2048,
              progress: bool = True, model=None, tokenizer=None, dtype: str = "float32",
-             include_path=None, served_model: str | None = None, kv=None) -> dict:
+             include_path=None, served_model: str | None = None, kv=None, engine: str = "transformers",
+             lora="auto") -> dict:
     """Evaluate a model on bundled tasks (names, or the groups 'contextual' / 'parametric') and any
     lm-eval task. Returns {'tasks': {name: {acc, stderr, ci95, n, chance, seconds, ...}},
     'groups': {contextual: {acc, stderr}, parametric: {...}}, 'model', 'disruption', 'limit', ...}.
@@ -116,6 +117,8 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
     name (default: the protect-LoRA if served), `tokenizer` a tokenizer path if the server names none.
     `kv`: quantize the KV cache (a mvquant.KVConfig or a dict of its fields); protect='massive' or
     'random' take the K channels from `report`.
+    `engine`: 'llamacpp' scores `model_or_path` (a .gguf) in llama.cpp (evaluation/llamacpp.py), with the
+    adapter `lora` ('auto': MODEL.protect.gguf when present; None or 'none': the bare base).
     """
     limit = check_limit(limit)
     ours, other = T.resolve_tasks(tasks)
@@ -130,7 +133,17 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
     if other:
         T.check_external_tasks(other, manager)
     from .remote import is_url, remote_lm
-    if is_url(model_or_path):   # an OpenAI-compatible server (mvquant serve): lm-eval's local-completions
+    if engine == "llamacpp":
+        if disrupt is not None or kv is not None:
+            raise MvquantError("--disrupt and --kv-bits act inside mvquant's model: evaluate the checkpoint in "
+                               "process, not a GGUF in llama.cpp")
+        from .llamacpp import llamacpp_lm
+        lm = llamacpp_lm(model_or_path, lora=lora, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+                         progress=progress)
+        name = lm.model_name
+    elif engine != "transformers":
+        raise MvquantError(f"unknown --engine '{engine}': use transformers or llamacpp")
+    elif is_url(model_or_path):   # an OpenAI-compatible server (mvquant serve): lm-eval's local-completions
         if disrupt is not None:
             raise MvquantError("--disrupt edits activations inside the model: evaluate a model or checkpoint "
                                "in this process, not a server URL")

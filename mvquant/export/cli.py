@@ -5,21 +5,25 @@ import argparse
 
 from ..errors import MvquantError
 
-HELP = "export a checkpoint as compressed-tensors W4A16/W8A16 with its protected rows exact (vLLM + our plugin; or LoRA / dense for any engine)"
-FORMATS = ("compressed-tensors",)
+HELP = ("export a checkpoint with its protected rows exact: compressed-tensors W4A16/W8A16 (vLLM + our plugin; or "
+        "LoRA / dense for any engine) or GGUF (llama.cpp, rows as a LoRA adapter)")
+FORMATS = ("compressed-tensors", "gguf")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .compressed import DTYPES, PROTECT_AS
 
     p.add_argument("checkpoint", help="an mvquant checkpoint directory (mvquant quantize --output)")
-    p.add_argument("--format", default="compressed-tensors", help="compressed-tensors (the only one)")
-    p.add_argument("--output", "-o", required=True, help="directory to write (its parent must exist)")
-    p.add_argument("--protect-as", default="rows", choices=PROTECT_AS,
-                   help="rows (default): every linear packed plus the protected rows themselves, applied inside "
-                        "vLLM by plugins/mvquant-vllm (quant_method mvquant-rows: engines without it refuse it); "
-                        "lora: protected rows restored exactly by OUT/protect-lora/ (any vLLM or peft; vLLM disables "
-                        "compilation with LoRA); fp16: q/k/v kept dense where protected (any engine, largest)")
+    p.add_argument("--format", default="compressed-tensors", help="compressed-tensors (default) or gguf (llama.cpp)")
+    p.add_argument("--output", "-o", required=True, help="directory to write (its parent must exist); gguf: a .gguf file")
+    p.add_argument("--gguf-int4", default="q5_0", help="gguf: type of asymmetric int4 linears, q5_0 (exact, default) "
+                                                        "or q4_1 (smaller, m = -s*z rounded to fp16)")
+    p.add_argument("--protect-as", default=None, choices=PROTECT_AS + ("f16",),
+                   help="compressed-tensors: rows (default): every linear packed plus the protected rows themselves, "
+                        "applied inside vLLM by plugins/mvquant-vllm (quant_method mvquant-rows: engines without it "
+                        "refuse it); lora: protected rows restored exactly by OUT/protect-lora/ (any vLLM or peft; vLLM "
+                        "disables compilation with LoRA); fp16: q/k/v kept dense where protected (any engine, largest). "
+                        "gguf: lora (default, OUT.protect.gguf for --lora) or f16 (one file)")
     p.add_argument("--dtype", default="float16", choices=list(DTYPES),
                    help="dtype of the unquantized tensors (default float16: the fp16 scales stay exact)")
     p.add_argument("--force", action="store_true", help="replace an existing --output directory")
@@ -30,7 +34,10 @@ def run(args) -> int:
 
     if args.format not in FORMATS:
         raise MvquantError(f"unknown --format '{args.format}': use {' or '.join(FORMATS)}")
-    s = export_compressed_tensors(args.checkpoint, args.output, protect_as=args.protect_as, dtype=args.dtype,
+    if args.format == "gguf":
+        from .gguf_export import run_cli
+        return run_cli(args)
+    s = export_compressed_tensors(args.checkpoint, args.output, protect_as=args.protect_as or "rows", dtype=args.dtype,
                                   force=args.force)
     print(f"wrote {args.output}: compressed-tensors {s['bits']}-bit group {s['group_size'] or 'per-row'} "
           f"{'symmetric' if s['symmetric'] else 'asymmetric'}, {s['dtype']}, "
