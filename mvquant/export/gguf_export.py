@@ -31,6 +31,7 @@ from . import gguf_blocks
 from .compressed import full_grid
 
 PROTECT_AS = ("lora", "f16")
+LLAMACPP_VERSION = "0.3.36"                 # the pinned llama-cpp-python sdist (scripts/*llamacpp*.sh)
 LLAMACPP_ENV = "MVQUANT_LLAMACPP_DIR"      # a llama.cpp source tree (convert_hf_to_gguf.py, conversion/, gguf-py/)
 _SKIP = {"config.json", "mvquant_manifest.json", "README.md"}
 
@@ -44,13 +45,32 @@ def adapter_path(output) -> Path:
 
 def llamacpp_dir() -> Path:
     """The llama.cpp sources whose converter the export reuses: $MVQUANT_LLAMACPP_DIR, else the ones
-    scripts/setup-llamacpp.sh unpacked into .venv-llamacpp/ of this repository."""
-    d = os.environ.get(LLAMACPP_ENV)
-    d = Path(d) if d else Path(__file__).resolve().parents[2] / ".venv-llamacpp" / "llama.cpp"
-    if not (d / "convert_hf_to_gguf.py").is_file() or not (d / "gguf-py").is_dir():
-        raise MvquantError(f"llama.cpp's converter was not found at {d}: run bash scripts/setup-llamacpp.sh "
-                           f"(or set {LLAMACPP_ENV} to a llama.cpp source tree)")
-    return d
+    scripts/setup-llamacpp.sh unpacked into .venv-llamacpp/ of this repository, else the converter alone
+    that scripts/fetch-llamacpp-converter.sh (run by setup.sh) put in the mvquant cache."""
+    from ..models.builtin import cache_root
+
+    given = os.environ.get(LLAMACPP_ENV)
+    places = [Path(given)] if given else [Path(__file__).resolve().parents[2] / ".venv-llamacpp" / "llama.cpp",
+                                          cache_root() / f"llama.cpp-{LLAMACPP_VERSION}"]
+    for d in places:
+        if (d / "convert_hf_to_gguf.py").is_file() and (d / "gguf-py").is_dir():
+            return d
+    raise MvquantError(f"llama.cpp's converter was not found ({', '.join(map(str, places))}): run bash "
+                       f"scripts/fetch-llamacpp-converter.sh (or set {LLAMACPP_ENV} to a llama.cpp source tree)")
+
+
+def check_ours(path: Path) -> None:
+    """--force replaces only a GGUF file mvquant wrote (it carries gguf_convert.MARKER_KEY)."""
+    from gguf import GGUFReader
+
+    from .gguf_convert import MARKER_KEY
+    try:
+        ours = MARKER_KEY in GGUFReader(str(path)).fields
+    except Exception:            # not a GGUF file at all
+        ours = False
+    if not ours:
+        raise MvquantError(f"'{path}' was not written by mvquant export (no {MARKER_KEY} in it): --force only "
+                           "replaces an earlier export; choose another --output, or move it away yourself")
 
 
 def check_gguf_exportable(qc: dict, modules: dict, int4: str) -> dict:
@@ -155,10 +175,12 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
     ckpt, output = Path(ckpt), Path(output)
     if output.suffix != ".gguf":
         raise MvquantError(f"--output '{output}' must be a .gguf file, e.g. --output model.gguf")
-    check_output_path(output, force=force, kind="file")
     adapter = adapter_path(output)
     # checked in both forms: a stale adapter beside a new base would be picked up by --lora auto
-    check_output_path(adapter, force=force, kind="file")
+    for path in (output, adapter):
+        check_output_path(path, force=force, kind="file", inputs=(ckpt,))
+        if force and path.exists():
+            check_ours(path)
     if not (ckpt / "config.json").is_file():
         raise MvquantError(f"'{ckpt}' is not a checkpoint directory (no config.json): give the --output of mvquant quantize")
     qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}

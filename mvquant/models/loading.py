@@ -1,6 +1,7 @@
 """Resolve what the user named (alias, local dir, GGUF file, HF id) into a model and tokenizer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -138,6 +139,10 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
         kwargs["device_map"] = device_map
     if src.get("gguf_file"):
         kwargs["gguf_file"] = src["gguf_file"]
+    rows_export = src["kind"] == "dir" and _is_rows_export(Path(path))
+    if rows_export:     # transformers knows compressed-tensors, not our rows: load the base from a view
+        stack = contextlib.ExitStack()
+        path = str(stack.enter_context(_as_compressed_tensors(Path(path))))
     if src["kind"] == "dir":
         kwargs.update(_compressed_tensors_kwargs(Path(path)))
     try:
@@ -152,6 +157,11 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
                                "check the id and your network, or give a local directory") from None
         raise MvquantError(f"could not load model from '{name}': {_first_line(e)}: check its files, or re-create "
                            "the directory (save_pretrained)") from None
+    finally:
+        if rows_export:
+            stack.close()
+    if rows_export:
+        _overwrite_rows(model, Path(src["path"]))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if src["kind"] == "dir" and "quantization_config" in kwargs and (Path(path) / "protect-lora").is_dir():
@@ -176,6 +186,44 @@ def _compressed_tensors_kwargs(path: Path) -> dict:
         raise MvquantError(f"'{path}' is a compressed-tensors export: loading it needs compressed-tensors "
                            "(pip install -c scripts/constraints.txt -e '.[export]')") from None
     return {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+
+
+def _is_rows_export(path: Path) -> bool:
+    from ..export.compressed import ROWS_METHOD
+    qc = read_config_json(path / "config.json").get("quantization_config") or {}
+    return qc.get("quant_method") == ROWS_METHOD
+
+
+@contextlib.contextmanager
+def _as_compressed_tensors(path: Path):
+    """A temporary view of an --protect-as rows export (links to its files) whose config names plain
+    compressed-tensors: the packed base loads as any export does; the rows are written after."""
+    import tempfile
+
+    from ..export.compressed import ROWS_KEY
+    with tempfile.TemporaryDirectory(prefix="mvquant-rows-") as tmp:
+        for f in path.iterdir():
+            if f.name != "config.json":
+                os.symlink(f.resolve(), Path(tmp) / f.name)
+        cfg = read_config_json(path / "config.json")
+        cfg["quantization_config"]["quant_method"] = "compressed-tensors"
+        cfg["quantization_config"].pop(ROWS_KEY, None)
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        yield Path(tmp)
+
+
+@torch.no_grad()
+def _overwrite_rows(model, path: Path) -> None:
+    """Each row-corrected module's protected rows set to the stored fp16 rows (exact, as the plugin)."""
+    from safetensors import safe_open
+
+    from ..export.compressed import ROWS_KEY
+    modules = read_config_json(path / "config.json")["quantization_config"][ROWS_KEY]["modules"]
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for name in modules:
+            w = model.get_submodule(name).weight
+            idx = f.get_tensor(f"{name}.rows_index").long()
+            w[idx] = f.get_tensor(f"{name}.rows_weight").to(w.dtype)
 
 
 def _merge_protect_lora(model, lora_dir: Path):
