@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import mvquant
 from mvquant.export import export_compressed_tensors
-from mvquant.export.compressed import ROWS_KEY, ROWS_METHOD, from_compressed
+from mvquant.export.compressed import ROWS_KEY, ROWS_METHOD, from_compressed, weights_file
 from mvquant.quantization.api import quantized_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "mvquant-vllm"))
@@ -47,7 +47,7 @@ def load_fused(out_dir, prefix, shard_ids, out_sizes, packed):
     """What vLLM's loader builds for one fused layer: the base weight (dequantized from the packed
     tensors, concatenated in shard order) and the plugin's RowSlots filled shard by shard."""
     cfg = json.loads((out_dir / "config.json").read_text())["quantization_config"]
-    t = load_file(str(out_dir / "model.safetensors"))
+    t = load_file(str(weights_file(out_dir)))
     names = checkpoint_modules(prefix, packed)
     bases = [from_compressed(t, n, 4) for n in names]
     in_f = bases[0].shape[1]
@@ -80,7 +80,7 @@ def test_export_packs_like_lora_and_stores_the_rows(exports, arch, tmp_path):
     ck, out, s = exports[arch]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == ROWS_METHOD and qc["format"] == "pack-quantized"
-    t = load_file(str(out / "model.safetensors"))
+    t = load_file(str(weights_file(out)))
     lora = tmp_path / "lora"
     export_compressed_tensors(ck, lora, protect_as="lora")
     tl = load_file(str(lora / "model.safetensors"))
@@ -172,3 +172,20 @@ def test_no_protected_rows_exports_plain_compressed_tensors(tmp_path):
     s = export_compressed_tensors(ck, tmp_path / "o", protect_as="rows")
     qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and ROWS_KEY not in qc and s["rows_modules"] == []
+
+
+def test_transformers_without_the_plugin_refuses_a_rows_export(exports):
+    """transformers does not know mvquant-rows: it would build the linears with random weights. The rows
+    export's weights are not named model.safetensors, so it refuses the directory instead (vLLM loads
+    every *.safetensors)."""
+    import subprocess
+    import textwrap
+
+    _, out, _ = exports["llama"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.mvquant-rows.safetensors"]
+    code = textwrap.dedent(f"""
+        import transformers
+        transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "OSError" in r.stderr and "model.safetensors" in r.stderr, r.stderr[-1500:]

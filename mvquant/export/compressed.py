@@ -14,6 +14,7 @@ grid and restored exactly in one of three ways (--protect-as):
 
     OUT/config.json                   quantization_config: quant_method "compressed-tensors" (or ROWS_METHOD)
     OUT/model.safetensors             weight_packed / weight_scale / weight_zero_point / weight_shape
+                                      (model.mvquant-rows.safetensors for --protect-as rows: see ROWS_WEIGHTS)
                                       (+ rows_index / rows_weight with --protect-as rows)
     OUT/protect-lora/                 adapter_config.json + adapter_model.safetensors (--protect-as lora)
     OUT/tokenizer files, generation_config.json, mvquant_export.json
@@ -34,6 +35,17 @@ from .lora import padded_rank, selector_and_delta
 
 PROTECT_AS = ("rows", "lora", "fp16")
 ROWS_METHOD = "mvquant-rows"         # the quant_method only plugins/mvquant-vllm registers with vLLM
+WEIGHTS = "model.safetensors"
+# A rows export's weights go by another name: vLLM loads every *.safetensors of the directory, while
+# transformers, which does not know ROWS_METHOD and would build the linears with random weights, finds
+# no model.safetensors and refuses the directory (as it refuses an mvquant checkpoint).
+ROWS_WEIGHTS = "model.mvquant-rows.safetensors"
+
+
+def weights_file(export_dir) -> Path:
+    """The weights of an export of any form."""
+    export_dir = Path(export_dir)
+    return export_dir / (ROWS_WEIGHTS if (export_dir / ROWS_WEIGHTS).is_file() else WEIGHTS)
 ROWS_KEY = "mvquant_rows"            # quantization_config[ROWS_KEY]: {"modules": {name: |S|}, ...}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 ENGINE_BITS = (4, 8)
@@ -230,7 +242,7 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "rows", dtype: 
                "protected_rows": n_protected, "dense_modules": sorted(dense), "lora_rank": rank,
                "lora_modules": sorted(lora), "rows_modules": sorted(rows)}
     with atomic_directory(output, force=force, inputs=(ckpt,), marker=MARKER) as tmp:
-        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp / (ROWS_WEIGHTS if rows else WEIGHTS),
                          metadata={"format": "pt"})
         config = model.config
         saved_qc = getattr(config, "quantization_config", None)

@@ -200,11 +200,11 @@ def _as_compressed_tensors(path: Path):
     compressed-tensors: the packed base loads as any export does; the rows are written after."""
     import tempfile
 
-    from ..export.compressed import ROWS_KEY
+    from ..export.compressed import ROWS_KEY, ROWS_WEIGHTS, WEIGHTS
     with tempfile.TemporaryDirectory(prefix="mvquant-rows-") as tmp:
         for f in path.iterdir():
             if f.name != "config.json":
-                os.symlink(f.resolve(), Path(tmp) / f.name)
+                os.symlink(f.resolve(), Path(tmp) / (WEIGHTS if f.name == ROWS_WEIGHTS else f.name))
         cfg = read_config_json(path / "config.json")
         cfg["quantization_config"]["quant_method"] = "compressed-tensors"
         cfg["quantization_config"].pop(ROWS_KEY, None)
@@ -217,9 +217,9 @@ def _overwrite_rows(model, path: Path) -> None:
     """Each row-corrected module's protected rows set to the stored fp16 rows (exact, as the plugin)."""
     from safetensors import safe_open
 
-    from ..export.compressed import ROWS_KEY
+    from ..export.compressed import ROWS_KEY, weights_file
     modules = read_config_json(path / "config.json")["quantization_config"][ROWS_KEY]["modules"]
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(weights_file(path)), framework="pt") as f:
         for name in modules:
             w = model.get_submodule(name).weight
             idx = f.get_tensor(f"{name}.rows_index").long()
