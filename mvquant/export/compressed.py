@@ -170,6 +170,18 @@ def _dense_siblings(modules: dict) -> set[str]:
 
 
 # -- the export ------------------------------------------------------------------------------------
+def checkpoint_quant_config(ckpt: Path) -> dict:
+    """The quantization_config of an mvquant checkpoint (what every export reads first), or a one-line
+    error naming the fix."""
+    if not (ckpt / "config.json").is_file():
+        raise MvquantError(f"'{ckpt}' is not a checkpoint directory (no config.json): give the --output of mvquant quantize")
+    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "mvquant":
+        raise MvquantError(f"'{ckpt}' is not an mvquant checkpoint (quant_method {qc.get('quant_method')!r}): "
+                           "give the --output of mvquant quantize")
+    return qc
+
+
 def export_compressed_tensors(ckpt, output, *, protect_as: str = "rows", dtype: str = "float16",
                               force: bool = False) -> dict:
     """Write OUT (see the module docstring). Returns the summary also written to mvquant_export.json."""
@@ -189,12 +201,7 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "rows", dtype: 
         raise MvquantError(f"unknown --dtype '{dtype}': use one of {', '.join(DTYPES)}")
     ckpt, output = Path(ckpt), Path(output)
     check_output_path(output, force=force, kind="dir", inputs=(ckpt,), marker=MARKER)
-    if not (ckpt / "config.json").is_file():
-        raise MvquantError(f"'{ckpt}' is not a checkpoint directory (no config.json): give the --output of mvquant quantize")
-    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") != "mvquant":
-        raise MvquantError(f"'{ckpt}' is not an mvquant checkpoint (quant_method {qc.get('quant_method')!r}): "
-                           "give the --output of mvquant quantize")
+    qc = checkpoint_quant_config(ckpt)
     check_exportable(qc, {})            # what the config alone says, before loading anything
     verify_checkpoint(ckpt, checksums=True)
     model = load(ckpt)

@@ -28,7 +28,7 @@ import torch
 from ..errors import MvquantError
 from ..io import apply_umask, check_output_path
 from . import gguf_blocks
-from .compressed import full_grid
+from .compressed import checkpoint_quant_config, full_grid
 
 PROTECT_AS = ("lora", "f16")
 LLAMACPP_VERSION = "0.3.36"                 # the pinned llama-cpp-python sdist (scripts/*llamacpp*.sh)
@@ -181,12 +181,7 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
         check_output_path(path, force=force, kind="file", inputs=(ckpt,))
         if force and path.exists():
             check_ours(path)
-    if not (ckpt / "config.json").is_file():
-        raise MvquantError(f"'{ckpt}' is not a checkpoint directory (no config.json): give the --output of mvquant quantize")
-    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") != "mvquant":
-        raise MvquantError(f"'{ckpt}' is not an mvquant checkpoint (quant_method {qc.get('quant_method')!r}): "
-                           "give the --output of mvquant quantize")
+    qc = checkpoint_quant_config(ckpt)
     check_gguf_exportable(qc, {}, int4)
     if qc.get("bits") is not None:
         gguf_blocks.gguf_type(qc["bits"], bool(qc.get("symmetric")), qc.get("group_size"), 32, int4)
