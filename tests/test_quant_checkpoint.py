@@ -120,8 +120,13 @@ def test_output_rules(saved, tmp_path):
     with pytest.raises(MvquantError, match="already exists"):
         mvquant.save_quantized(model, None, out)
     assert (out / "keep.txt").exists()
-    mvquant.save_quantized(model, None, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.mvquant.safetensors").exists()
+    with pytest.raises(MvquantError, match="was not written by this mvquant command"):   # --force: ours only
+        mvquant.save_quantized(model, None, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    mvquant.save_quantized(model, None, out, force=True)                 # an empty folder holds nothing
+    mvquant.save_quantized(model, None, out, force=True)                 # an earlier checkpoint is replaced
+    assert (out / "model.mvquant.safetensors").exists()
     with pytest.raises(MvquantError, match="does not exist"):
         mvquant.save_quantized(model, None, tmp_path / "missing" / "ck")
     assert not (tmp_path / "missing").exists()
