@@ -119,3 +119,39 @@ def test_llamacpp_runs_the_export(tmp_path):
     # products), so logits move by a fraction of a logit; the adapter brings them closer than the base
     assert with_a["mean_abs_dlogit"] < 0.6 and with_a["argmax_agree"] >= 0.85
     assert with_a["mean_abs_dlogit"] < base["mean_abs_dlogit"]
+
+
+GGML_Q4_K = 12   # ggml_type
+
+
+def test_q4k_rounding_matches_ggml(tmp_path):
+    """mvquant's Q4_K rounding (quantization/q4k.py) against ggml's own quantize_row_q4_K_ref
+    (ggml_quantize_chunk without an importance matrix, what llama-quantize runs) on a real weight of the
+    built-in model: the blocks are byte-identical except where float summation order flips a near tie."""
+    python, _ = _env_or_skip()
+    from mvquant.models import load_model
+    from mvquant.quantization import q4k
+
+    model, _ = load_model("smollm2-135m")
+    w = model.model.layers[3].mlp.down_proj.weight.detach().float()[:256]     # [256, 1536]: 6 super-blocks a row
+    np.save(tmp_path / "w.npy", w.numpy())
+    ours = q4k.to_blocks(*q4k.quantize(w)).reshape(-1, q4k.BLOCK_BYTES)
+    script = f"""
+import ctypes, glob, numpy as np, llama_cpp, os
+lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), 'lib', 'libggml-base.so'))[0])
+lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+w = np.ascontiguousarray(np.load({str(tmp_path / 'w.npy')!r}), dtype=np.float32)
+dst = np.zeros(w.size // 256 * 144, dtype=np.uint8)
+lib.ggml_quantize_chunk({GGML_Q4_K}, w.ctypes.data, dst.ctypes.data, 0, w.shape[0], w.shape[1], None)
+np.save({str(tmp_path / 'ref.npy')!r}, dst)
+"""
+    subprocess.run([str(python), "-c", script], check=True)
+    ref = np.load(tmp_path / "ref.npy").reshape(-1, q4k.BLOCK_BYTES)
+    same = (ours == ref).all(1).mean()
+    assert same > 0.9, same
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+    a, b = dequantize(ours, T.Q4_K), dequantize(ref, T.Q4_K)
+    err_ours, err_ref = np.square(a.reshape(w.shape) - w.numpy()).mean(), np.square(b.reshape(w.shape) - w.numpy()).mean()
+    assert abs(err_ours / err_ref - 1) < 0.01                                  # the same quality where they differ

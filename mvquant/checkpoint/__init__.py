@@ -53,7 +53,8 @@ def _sha256(path: Path) -> str:
 INDEX_NAME = "model.mvquant.safetensors.index.json"   # checkpoints written shard by shard
 SHARD_NAME = "model.mvquant-{:05d}.safetensors"
 SHARD_BYTES = 1 << 30
-QUANT_BUFFERS = ("qweight", "scales", "zeros", "protected_rows", "protected_weight", "input_scale")
+QUANT_BUFFERS = ("qweight", "scales", "zeros", "superblock", "sub_scales", "protected_rows", "protected_weight",
+                 "input_scale")
 
 
 def storage_cast(key: str, t: torch.Tensor, quantized: set[str], dtype: torch.dtype | None) -> torch.Tensor:

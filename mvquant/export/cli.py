@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="directory to write (its parent must exist); gguf: a .gguf file")
     p.add_argument("--gguf-int4", default="q5_0", help="gguf: type of asymmetric int4 linears, q5_0 (exact, default) "
                                                         "or q4_1 (smaller, m = -s*z rounded to fp16)")
+    p.add_argument("--gguf-embed", default="f16", help="gguf: type of the token embedding, f16 (as the converter "
+                                                        "writes it, default) or q8_0 (what llama-quantize's Q4_K_M "
+                                                        "stores; 8.5 bits/weight)")
     p.add_argument("--protect-as", default=None, choices=PROTECT_AS + ("f16",),
                    help="compressed-tensors: rows (default): every linear packed plus the protected rows themselves, "
                         "applied inside vLLM by plugins/mvquant-vllm (quant_method mvquant-rows: engines without it "

@@ -202,6 +202,9 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "rows", dtype: 
     ckpt, output = Path(ckpt), Path(output)
     check_output_path(output, force=force, kind="dir", inputs=(ckpt,), marker=MARKER)
     qc = checkpoint_quant_config(ckpt)
+    if qc.get("grid", "int") != "int":
+        raise MvquantError(f"a --grid {qc['grid']} checkpoint holds llama.cpp's double-quantized scales, which "
+                           "compressed-tensors cannot store: export it with --format gguf, or re-quantize with --grid int")
     check_exportable(qc, {})            # what the config alone says, before loading anything
     verify_checkpoint(ckpt, checksums=True)
     model = load(ckpt)

@@ -14,6 +14,7 @@ d = s the signed code c - z is carried over unchanged whenever it fits the block
     int3 (any)           c - z in -7..7      -> Q4_0  exact
     int4 symmetric       c - z in -7..7      -> Q4_0  exact
     int4 asymmetric      c - z in -15..15    -> Q5_0  exact (default), or
+    int5 symmetric       c - z in -15..15    -> Q5_0  exact (--grid q4_k's fallback)
                                              -> Q4_1  q = c, m = fp16(-s * z): exact up to that one rounding
     int8 symmetric       c - z in -127..127  -> Q8_0  exact (asymmetric int8: only if every c - z fits)
 
@@ -48,6 +49,8 @@ def gguf_type(bits: int, symmetric: bool, group_size: int | None, in_features: i
                            "model has no GGUF quantized form")
     if bits == 3 or (bits == 4 and symmetric):
         return T.Q4_0
+    if bits == 5 and symmetric:         # the q4_k grid's fallback (quantization/grid.py)
+        return T.Q5_0
     if bits == 4:
         if int4 not in INT4_TYPES:
             raise MvquantError(f"unknown --gguf-int4 '{int4}': use {' or '.join(INT4_TYPES)}")

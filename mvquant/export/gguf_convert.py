@@ -69,6 +69,9 @@ def main(llama_dir: str, staging: str, out: str, adapter: str | None = None) -> 
             written.add(name)
             b, qtype = blocks[name]
             return writer_add(name, b, raw_dtype=qtype)
+        if name == "token_embd.weight" and plan.get("embed") == "q8_0":   # --gguf-embed q8_0, as llama-quantize does
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            return writer_add(name, gguf.quants.quantize(np.asarray(tensor, dtype=np.float32), q8), raw_dtype=q8)
         return writer_add(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, **kw)
 
     model.gguf_writer.add_tensor = add_tensor

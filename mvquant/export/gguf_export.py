@@ -23,14 +23,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import MvquantError
+from ..quantization import q4k
 from ..io import apply_umask, check_output_path
 from . import gguf_blocks
 from .compressed import checkpoint_quant_config, full_grid
 
 PROTECT_AS = ("lora", "f16")
+EMBED_TYPES = ("f16", "q8_0")               # --gguf-embed: the token embedding (re-quantized by gguf-py for q8_0)
 LLAMACPP_VERSION = "0.3.36"                 # the pinned llama-cpp-python sdist (scripts/*llamacpp*.sh)
 LLAMACPP_ENV = "MVQUANT_LLAMACPP_DIR"      # a llama.cpp source tree (convert_hf_to_gguf.py, conversion/, gguf-py/)
 _SKIP = {"config.json", "mvquant_manifest.json", "README.md"}
@@ -87,11 +90,25 @@ def check_gguf_exportable(qc: dict, modules: dict, int4: str) -> dict:
         if m.input_scale is not None:
             raise MvquantError(f"{name} stores an input_scale (x / s at run time): GGUF has no place for it; "
                                "re-quantize with --method rtn/gptq or an AWQ that folds its scales")
-        types[name] = gguf_blocks.gguf_type(m.bits, m.symmetric, m.group_size, m.in_features, int4)
+        types[name] = (gguf_blocks.T.Q4_K if m.grid == "q4_k"
+                       else gguf_blocks.gguf_type(m.bits, m.symmetric, m.group_size, m.in_features, int4))
     return types
 
 
-def _staging(ckpt: Path, model, modules: dict, types: dict, protect_as: str, tmp: Path) -> dict:
+def linear_blocks(m, qtype) -> np.ndarray:
+    """Every output row of a QuantLinear as ggml blocks; protected rows re-quantized to nearest on the
+    module's own grid (the base a user without --lora runs)."""
+    if m.grid != "q4_k":
+        codes, scales, zeros, _ = full_grid(m)
+        return gguf_blocks.to_blocks(codes, scales, zeros, m.bits, m.group_size, qtype)
+    blocks = np.empty((m.out_features, m.in_features // q4k.QK_K * q4k.BLOCK_BYTES), dtype=np.uint8)
+    blocks[m.quantized_rows.numpy()] = q4k.to_blocks(*m.quantized())
+    if m.n_protected:
+        blocks[m.protected_rows.long().numpy()] = q4k.to_blocks(*q4k.quantize(m.protected_weight.float()))
+    return blocks
+
+
+def _staging(ckpt: Path, model, modules: dict, types: dict, protect_as: str, tmp: Path, embed: str = "f16") -> dict:
     """The converter's input (see gguf_convert.py). Returns the export summary."""
     from safetensors.torch import save_file
 
@@ -126,8 +143,7 @@ def _staging(ckpt: Path, model, modules: dict, types: dict, protect_as: str, tmp
             type_counts["F16"] = type_counts.get("F16", 0) + 1
         else:
             qtype = types[name]
-            codes, scales, zeros, _ = full_grid(m)
-            blocks = gguf_blocks.to_blocks(codes, scales, zeros, m.bits, m.group_size, qtype)
+            blocks = linear_blocks(m, qtype)
             base = gguf_blocks.dequantize_blocks(blocks, qtype, m.in_features)   # what llama.cpp computes
             dense[f"{name}.weight"] = base
             arrays[f"{name}.blocks"] = torch.from_numpy(blocks)
@@ -144,8 +160,9 @@ def _staging(ckpt: Path, model, modules: dict, types: dict, protect_as: str, tmp
     save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     save_file({k: v.contiguous() for k, v in arrays.items()}, str(tmp / "mvquant_gguf.safetensors"))
     main_type = max((t for t in type_counts if t != "F16"), key=type_counts.get, default="F16")
-    file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "F16": 1}[main_type]   # gguf.LlamaFileType
-    (tmp / "mvquant_gguf.json").write_text(json.dumps({"file_type": file_type, "name": ckpt.name, "linears": linears}))
+    file_type = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q4_K": 15, "F16": 1}[main_type]   # gguf.LlamaFileType
+    (tmp / "mvquant_gguf.json").write_text(json.dumps({"file_type": file_type, "name": ckpt.name, "linears": linears,
+                                                       "embed": embed}))
     return {"types": type_counts, "file_type": main_type, "protected_rows": n_protected,
             "bits_per_weight": round(n_bits / max(n_weights, 1), 4), "adapter_params": adapter_params,
             "types_bits_per_weight": {t: (16.0 if t == "F16" else gguf_blocks.bits_per_weight(getattr(gguf_blocks.T, t)))
@@ -163,13 +180,16 @@ def _temp_sibling(path: Path):
             os.unlink(tmp)
 
 
-def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", force: bool = False) -> dict:
+def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", embed: str = "f16",
+                force: bool = False) -> dict:
     """Write OUT.gguf (+ OUT.protect.gguf), see the module docstring. Returns a summary."""
     from ..checkpoint import load, verify_checkpoint
     from ..quantization.api import quantized_modules
 
     if protect_as not in PROTECT_AS:
         raise MvquantError(f"--protect-as '{protect_as}' is not a GGUF form: use lora (default) or f16")
+    if embed not in EMBED_TYPES:
+        raise MvquantError(f"unknown --gguf-embed '{embed}': use {' or '.join(EMBED_TYPES)}")
     if int4 not in gguf_blocks.INT4_TYPES:
         raise MvquantError(f"unknown --gguf-int4 '{int4}': use {' or '.join(gguf_blocks.INT4_TYPES)}")
     ckpt, output = Path(ckpt), Path(output)
@@ -194,7 +214,7 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
 
     with tempfile.TemporaryDirectory(prefix="mvquant-gguf-") as staging, \
             _temp_sibling(output) as tmp_out, _temp_sibling(adapter) as tmp_adapter:
-        summary = _staging(ckpt, model, modules, types, protect_as, Path(staging))
+        summary = _staging(ckpt, model, modules, types, protect_as, Path(staging), embed)
         del model
         with_adapter = protect_as == "lora" and summary["protected_rows"] > 0
         cmd = [sys.executable, str(Path(__file__).with_name("gguf_convert.py")), str(src), staging, str(tmp_out)]
@@ -226,7 +246,8 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", f
 def run_cli(args) -> int:
     """`mvquant export CKPT --format gguf --output OUT.gguf` (called from export/cli.py)."""
     protect_as = {None: "lora", "fp16": "f16"}.get(args.protect_as, args.protect_as)
-    s = export_gguf(args.checkpoint, args.output, protect_as=protect_as, int4=args.gguf_int4, force=args.force)
+    s = export_gguf(args.checkpoint, args.output, protect_as=protect_as, int4=args.gguf_int4,
+                    embed=getattr(args, "gguf_embed", "f16"), force=args.force)
     types = ", ".join(f"{n} {t} ({s['types_bits_per_weight'][t]:.1f} bits/weight)" for t, n in sorted(s["types"].items()))
     print(f"wrote {s['output']} ({s['bytes'] / 2**20:.1f} MiB): linears {types}; {s['bits_per_weight']:.3f} "
           f"bits/weight over the quantized linears, other tensors as llama.cpp's converter writes them")

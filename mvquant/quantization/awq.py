@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import core
+from . import core, grid as grids
 
 
 def awq_search(w: torch.Tensor, x: torch.Tensor, x_abs_mean: torch.Tensor, *, bits: int, group_size: int | None,
@@ -152,7 +152,7 @@ def search_group_scale(ctx, layer, g, calls, x_mean, *, n_grid: int, duo: bool =
                 for m, w, k in zip(mods, w0, keeps):
                     wq = w.float().clone()
                     if k.any():
-                        wq[k] = core.fake_quantize(wq[k] * s, cfg.bits, cfg.group_size, cfg.symmetric) / s
+                        wq[k] = grids.fake_quantize(wq[k] * s, cfg) / s
                     weight_view(m).copy_(wq.to(w.dtype))
             out = _run_calls(inspect, calls)
             loss = float(sum((o.float() - r.float()).pow(2).sum() for o, r in zip(out, ref))
@@ -215,7 +215,9 @@ def quantize_layer(ctx) -> None:
                 for n in g.linears:
                     runtime_scale[n] = s
     local = [ctx.local_name(n) for n in ctx.linears]
-    clip_names = [n for n in local if cfg.awq_clip_grid and not qk_row_mask(ctx.layout, n, 1).all()]
+    # Q4_K linears search their own ranges per sub-block (q4k.py): no clipping search on top
+    clip_names = [n for n in local if cfg.awq_clip_grid and not qk_row_mask(ctx.layout, n, 1).all()
+                  and grids.linear_format(cfg, weight_view(_get(layer, n)).shape[1]).grid == "int"]
     xs = _clip_inputs(ctx, layer, clip_names) if clip_names else {}
     for full in list(ctx.linears):
         n = ctx.local_name(full)
@@ -226,8 +228,9 @@ def quantize_layer(ctx) -> None:
         clip = None
         if n in xs and wk.shape[0]:
             x = xs[n] / s.to(xs[n].device) if s is not None else xs[n]
-            clip = awq_clip(wk.cpu(), x.cpu(), bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+            f = grids.linear_format(cfg, wk.shape[1])
+            clip = awq_clip(wk.cpu(), x.cpu(), bits=f.bits, group_size=f.group_size, symmetric=f.symmetric,
                             grid=cfg.awq_clip_grid).to(w.device)
             clip[qk_row_mask(ctx.layout, n, w.shape[0])[keep.cpu()].to(w.device)] = 1.0  # fused qkv: clip v only
-        quantized = core.quantize_weight(wk, cfg.bits, cfg.group_size, cfg.symmetric, clip=clip) if wk.shape[0] else None
+        quantized = grids.quantize(wk, cfg, clip=clip) if wk.shape[0] else None
         quantize_module(ctx, full, quantized=quantized, input_scale=s)

@@ -7,7 +7,7 @@ import sys
 
 from ..errors import MvquantError
 from ..io import atomic_write_json, check_output_path
-from .config import BITS, DEFAULT_IGNORE, DEFAULT_TARGETS, METHODS
+from .config import BITS, DEFAULT_IGNORE, DEFAULT_TARGETS, GRIDS, METHODS
 
 HELP = "quantize a model to packed int2/3/4/8 with fp16-protected massive Q/K rows and write a checkpoint"
 
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=_group_size, default=None,
                    help="columns per scale (default 128; -1 = one per output row; need not divide in_features)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points); default asymmetric")
+    p.add_argument("--grid", default="int", choices=GRIDS,
+                   help="int (default): mvquant's integer grid; q4_k: llama.cpp's Q4_K grid (4-bit, sub-blocks of 32 "
+                        "with 6-bit scales and mins), exported bit-exactly by `mvquant export --format gguf`")
     p.add_argument("--output", "-o", default=None, help="checkpoint directory to write (its parent must exist)")
     p.add_argument("--force", action="store_true", help="replace an existing --output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for --protect random and calibration sampling")
@@ -64,13 +67,17 @@ def config_from_args(args) -> "QuantConfig":
     group = args.group_size
     if method == "smoothquant" and group not in (None, -1):
         raise MvquantError("smoothquant uses one weight scale per output row: drop --group-size (or pass -1)")
+    if getattr(args, "grid", "int") == "q4_k":
+        if group not in (None, 32):
+            raise MvquantError(f"--grid q4_k has sub-blocks of 32 weights: drop --group-size {group} (or pass 32)")
+        group = 32
     if group is None:
         group = None if method == "smoothquant" else 128
     return QuantConfig(method=method, bits=bits, group_size=group, symmetric=args.symmetric, protect=args.protect,
                        seed=args.seed, targets=args.targets, ignore=args.ignore, alpha=args.alpha,
                        gptq_act_order=args.act_order, calib_samples=args.calib_samples,
                        calib_seq_len=args.calib_seq_len, calib_data=args.calib_data, compute=args.compute,
-                       store_dtype=getattr(args, "store_dtype", "auto"))
+                       store_dtype=getattr(args, "store_dtype", "auto"), grid=getattr(args, "grid", "int"))
 
 
 def checkpoint_bytes(model, config) -> int:

@@ -16,6 +16,8 @@ PROTECTABLE_METHODS = ("rtn", "awq", "gptq", "smoothquant")
 POLICIES = ("massive", "none", "random")          # plus "topk:N"
 PROTECT_PATTERN = r"massive|none|random|topk:[1-9][0-9]*"
 COMPUTE = ("auto", "dequant")
+GRIDS = ("int", "q4_k")                            # grid.py; q4_k: llama.cpp's Q4_K (4-bit, groups of 32)
+GRID_METHODS = ("rtn", "awq", "gptq")
 STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Every nn.Linear inside the decoder layers; lm_head and embeddings stay as they are.
 DEFAULT_TARGETS = (r"(^|\.)(layers|h)\.\d+\..*",)
@@ -47,6 +49,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    grid: str = "int"                  # "q4_k": codes and scales on llama.cpp's Q4_K grid (sets 4-bit, groups of 32)
     protect: str = "none"
     seed: int = 0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -80,6 +83,15 @@ class QuantConfig:
                                    f"got {self.group_size!r}: use e.g. --group-size 128")
         if self.group_size == -1:
             self.group_size = None
+        if self.grid not in GRIDS:
+            raise MvquantError(f"unknown grid '{self.grid}': use one of {', '.join(GRIDS)}")
+        if self.grid == "q4_k":
+            if self.method not in GRID_METHODS:
+                raise MvquantError(f"--grid q4_k works with {', '.join(GRID_METHODS)}, not {self.method}: "
+                                   "use --grid int")
+            if self.bits != 4:
+                raise MvquantError(f"--grid q4_k is 4-bit (llama.cpp's Q4_K), got --bits {self.bits}: use --bits 4")
+            self.group_size, self.symmetric = 32, False   # Q4_K's sub-blocks, each with its own min
         self.protect_policy()  # raises on a bad policy
         if self.method == "smoothquant":
             if self.bits != 8:

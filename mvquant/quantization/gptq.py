@@ -10,26 +10,40 @@ from __future__ import annotations
 
 import torch
 
-from . import core
+from . import core, grid as grids, q4k
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None,
-                  symmetric: bool, damp: float = 0.01, block: int = 128, act_order: bool = False):
-    """w [rows, cols], hessian [cols, cols] -> (codes uint8 [rows, cols], scale fp16 [rows, G], zero | None)."""
+                  symmetric: bool, damp: float = 0.01, block: int = 128, act_order: bool = False,
+                  grid: str = "int"):
+    """w [rows, cols], hessian [cols, cols] -> (codes uint8 [rows, cols], scale fp16 [rows, G], zero | None);
+    grid "q4_k": (codes, superblock, sub_scales) on llama.cpp's Q4_K grid (q4k.py)."""
     w = w.detach().float().clone()
     rows, cols = w.shape
     h = hessian.detach().double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    k_grid = grid == "q4_k"
+    if k_grid:  # Q4_K: sub-blocks of 32 with a min each; parameters come per super-block of 256
+        bits, group_size, symmetric = 4, q4k.SUB, False
     g = group_size or cols
+    pb = q4k.QK_K if k_grid else g            # columns whose parameters are computed together
     groups = core.num_groups(cols, group_size)
     qmax = (1 << bits) - 1
     dev = w.device
     h = h.to(dev)
-    scale = torch.empty(rows, groups, dtype=torch.float16, device=dev)
-    zero = None if symmetric else torch.empty(rows, groups, dtype=torch.uint8, device=dev)
-    if act_order:  # static groups: parameters from the unmodified weights
+    if k_grid:
+        superblock = torch.zeros(rows, cols // q4k.QK_K, 2, dtype=torch.float16, device=dev)
+        sub = torch.zeros(rows, groups, 2, dtype=torch.uint8, device=dev)
+        k_scale, k_offset = torch.zeros(rows, groups, device=dev), torch.zeros(rows, groups, device=dev)
+    else:
+        scale = torch.empty(rows, groups, dtype=torch.float16, device=dev)
+        zero = None if symmetric else torch.empty(rows, groups, dtype=torch.uint8, device=dev)
+    if act_order and k_grid:
+        superblock[:], sub[:] = q4k.compute_params(w)
+        k_scale[:], k_offset[:] = q4k.scale_offset(superblock, sub)
+    elif act_order:  # static groups: parameters from the unmodified weights
         s_all, z_all = core.compute_params(w, bits, group_size, symmetric)
         scale.copy_(s_all)
         if zero is not None:
@@ -48,14 +62,28 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
         for i in range(i2 - i1):
             col = perm_list[i1 + i]              # original column index
             grp = col // g
-            if not act_order and col % g == 0:   # dynamic groups: params from the updated weights
-                end = min(col + g, cols)
+            if not act_order and col % pb == 0:   # dynamic groups: params from the updated weights
+                end = min(col + pb, cols)
                 # columns col..end are, without act-order, w1[:, i:] then w[:, i2:]
                 cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :end - col]
-                s, z = core.compute_params(cur, bits, None, symmetric)
-                scale[:, grp] = s[:, 0]
-                if zero is not None:
-                    zero[:, grp] = z[:, 0]
+                if k_grid:
+                    sb, gs = col // q4k.QK_K, slice(grp, grp + q4k.NSUB)
+                    superblock[:, sb:sb + 1], sub[:, gs] = q4k.compute_params(cur)
+                    k_scale[:, gs], k_offset[:, gs] = q4k.scale_offset(superblock[:, sb:sb + 1], sub[:, gs])
+                else:
+                    s, z = core.compute_params(cur, bits, None, symmetric)
+                    scale[:, grp] = s[:, 0]
+                    if zero is not None:
+                        zero[:, grp] = z[:, 0]
+            if k_grid:
+                s, off = k_scale[:, grp], k_offset[:, grp]
+                q = q4k.round_codes(w1[:, i], s, off)
+                deq = s * q - off
+                codes[:, col] = q.to(torch.uint8)
+                e = (w1[:, i] - deq) / h1[i, i]
+                w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+                err1[:, i] = e
+                continue
             s = scale[:, grp].float()
             if zero is None:
                 q = (torch.round(w1[:, i] / s) + (1 << (bits - 1))).clamp(1, qmax)
@@ -69,7 +97,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
             w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes, scale, zero
+    return (codes, superblock, sub) if k_grid else (codes, scale, zero)
 
 
 # -- one decoder layer at a time ------------------------------------------------------------------
@@ -136,9 +164,7 @@ def quantize_layer(ctx) -> None:
                 originals[name] = wt.detach().clone()
                 deq = w.clone()
                 if keep.any():
-                    deq[keep] = (core.dequantize_codes(q[0], q[1], q[2], cfg.bits, cfg.group_size)
-                                 if q is not None else core.fake_quantize(w[keep], cfg.bits, cfg.group_size,
-                                                                          cfg.symmetric))
+                    deq[keep] = grids.dequantize(q, cfg) if q is not None else grids.fake_quantize(w[keep], cfg)
                 with torch.no_grad():
                     wt.copy_(deq.to(wt.dtype))
     finally:

@@ -76,6 +76,8 @@ class MvquantHfQuantizer(HfQuantizer):
 def build_empty_modules(model, qc: dict) -> None:
     """Replace each quantized linear by an empty QuantLinear of the same shape (any device, meta included)."""
     from .api import linear_weight, set_module
+    from .grid import linear_format
+    from .config import QuantConfig
     from .linear import QuantLinear
 
     scaled = qc.get("input_scale_modules")
@@ -87,10 +89,12 @@ def build_empty_modules(model, qc: dict) -> None:
             continue
         w = linear_weight(old)
         device = w.device
-        new = QuantLinear(w.shape[1], w.shape[0], bits=qc["bits"], group_size=qc.get("group_size"),
-                          symmetric=qc["symmetric"], n_protected=int(n_protected),
+        f = linear_format(QuantConfig.from_dict(qc), w.shape[1])
+        new = QuantLinear(w.shape[1], w.shape[0], bits=f.bits, group_size=f.group_size,
+                          symmetric=f.symmetric, n_protected=int(n_protected),
                           bias=getattr(old, "bias", None) is not None, input_scale=input_scale,
-                          act_bits=qc.get("act_bits"), compute=qc.get("compute", "auto"), dtype=w.dtype, device=device)
+                          act_bits=qc.get("act_bits"), compute=qc.get("compute", "auto"),
+                          grid=f.grid, dtype=w.dtype, device=device)
         set_module(model, name, new)
         # transformers runs `_init_weights` on modules it does not consider loaded; some (GPT-2's
         # attention / MLP) reach into `child.weight`, which a QuantLinear does not have. Its tensors
@@ -102,6 +106,7 @@ def build_empty_modules(model, qc: dict) -> None:
 
 
 STORED_DTYPES = {"qweight": torch.uint8, "zeros": torch.uint8, "scales": torch.float16,
+                 "superblock": torch.float16, "sub_scales": torch.uint8,
                  "protected_rows": torch.int32, "protected_weight": torch.float16, "input_scale": torch.float16}
 
 

@@ -16,6 +16,7 @@ import torch
 from ..errors import MvquantError
 from .activations import InputStats
 from .config import QuantConfig
+from .grid import linear_format
 from .linear import QuantLinear
 
 
@@ -80,9 +81,11 @@ def build_quant_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: to
 
     weight [out, in]; rows: protected output rows (kept in fp16); quantized: (codes, scales, zeros)
     of the non-protected rows (times input_scale) from AWQ / GPTQ, else round-to-nearest."""
-    return QuantLinear.from_weight(weight.detach(), bias, bits=config.bits, group_size=config.group_size,
-                                   symmetric=config.symmetric, protected_rows=rows, input_scale=input_scale,
-                                   quantized=quantized, act_bits=config.act_bits, compute=config.compute)
+    f = linear_format(config, weight.shape[1])
+    return QuantLinear.from_weight(weight.detach(), bias, bits=f.bits, group_size=f.group_size,
+                                   symmetric=f.symmetric, protected_rows=rows, input_scale=input_scale,
+                                   quantized=quantized, act_bits=config.act_bits, compute=config.compute,
+                                   grid=f.grid)
 
 
 def quantize_module(ctx: LayerContext, name: str, *, quantized: tuple | None = None,
@@ -141,9 +144,10 @@ def gptq_with_fallback(w: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     damp = config.gptq_damp
     for attempt in range(3):
         try:
-            return gptq_quantize(w, hessian, bits=config.bits, group_size=config.group_size,
-                                 symmetric=config.symmetric, damp=damp, block=config.gptq_block,
-                                 act_order=config.gptq_act_order)
+            f = linear_format(config, w.shape[1])
+            return gptq_quantize(w, hessian, bits=f.bits, group_size=f.group_size,
+                                 symmetric=f.symmetric, damp=damp, block=config.gptq_block,
+                                 act_order=config.gptq_act_order, grid=f.grid)
         except torch.linalg.LinAlgError:
             if attempt < 2:
                 warnings.warn(f"gptq {name}: Cholesky failed at damping {damp:g}; retrying with {damp * 10:g}")

@@ -4,6 +4,9 @@ Stored (persistent buffers, what the checkpoint holds):
   qweight           uint8 [n_quantized, packed]   codes packed along in_features (packing.py)
   scales            fp16  [n_quantized, groups]
   zeros             uint8 [n_quantized, packed(groups)]   asymmetric only, packed like the codes
+  grid q4_k (llama.cpp's Q4_K, q4k.py) stores instead of scales/zeros:
+  superblock        fp16  [n_quantized, in / 256, 2]      (d, dmin) per super-block
+  sub_scales        uint8 [n_quantized, in / 32, 2]       6-bit (sc, m) per 32: w = d*sc*q - dmin*m
   protected_rows    int32 [n_protected]           output rows kept in fp16 (sorted)
   protected_weight  fp16  [n_protected, in]
   input_scale       fp16  [in]                    AWQ / SmoothQuant: x / input_scale enters the packed rows
@@ -23,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import core
+from . import core, q4k
 from .packing import pack_bits, packed_width, unpack_bits
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
@@ -36,18 +39,25 @@ def _round_up(n: int, m: int) -> int:
 class QuantLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int | None,
                  symmetric: bool, n_protected: int = 0, bias: bool = False, input_scale: bool = False,
-                 act_bits: int | None = None, compute: str = "auto", dtype=torch.float32, device=None):
+                 act_bits: int | None = None, compute: str = "auto", grid: str = "int", dtype=torch.float32,
+                 device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size or None, symmetric
+        if grid == "q4_k":  # the grid fixes the layout: 4-bit codes, sub-blocks of 32, a min per sub-block
+            bits, group_size, symmetric = 4, q4k.SUB, False
+        self.bits, self.group_size, self.symmetric, self.grid = bits, group_size or None, symmetric, grid
         self.act_bits, self.compute = act_bits, compute
         n_q = out_features - n_protected
         groups = core.num_groups(in_features, self.group_size)
         kw = {"device": device}
         self.register_buffer("qweight", torch.zeros(n_q, packed_width(in_features, bits), dtype=torch.uint8, **kw))
-        self.register_buffer("scales", torch.ones(n_q, groups, dtype=torch.float16, **kw))
-        self.register_buffer("zeros", None if symmetric else
+        k_grid = grid == "q4_k"
+        self.register_buffer("scales", None if k_grid else torch.ones(n_q, groups, dtype=torch.float16, **kw))
+        self.register_buffer("zeros", None if symmetric or k_grid else
                              torch.zeros(n_q, packed_width(groups, bits), dtype=torch.uint8, **kw))
+        self.register_buffer("superblock", torch.zeros(n_q, in_features // q4k.QK_K, 2, dtype=torch.float16, **kw)
+                             if k_grid else None)
+        self.register_buffer("sub_scales", torch.zeros(n_q, groups, 2, dtype=torch.uint8, **kw) if k_grid else None)
         self.register_buffer("protected_rows", torch.zeros(n_protected, dtype=torch.int32, **kw))
         self.register_buffer("protected_weight", torch.zeros(n_protected, in_features, dtype=torch.float16, **kw))
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16, **kw) if input_scale else None)
@@ -62,9 +72,10 @@ class QuantLinear(torch.nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group_size: int | None,
                     symmetric: bool, protected_rows: torch.Tensor | None = None,
                     input_scale: torch.Tensor | None = None, quantized: tuple | None = None,
-                    act_bits: int | None = None, compute: str = "auto") -> "QuantLinear":
+                    act_bits: int | None = None, compute: str = "auto", grid: str = "int") -> "QuantLinear":
         """Quantize `weight` [out, in] (RTN unless `quantized` = (codes, scales, zeros) for the
-        non-protected rows of weight * input_scale, as produced by AWQ/GPTQ/SmoothQuant)."""
+        non-protected rows of weight * input_scale, as produced by AWQ/GPTQ/SmoothQuant; on the
+        q4_k grid (codes, superblock, sub_scales))."""
         out_f, in_f = weight.shape
         device = weight.device  # built where the weight lives (CPU or GPU)
         rows = torch.as_tensor([] if protected_rows is None else protected_rows, dtype=torch.long)
@@ -73,16 +84,20 @@ class QuantLinear(torch.nn.Module):
         keep[rows] = False
         m = cls(in_f, out_f, bits=bits, group_size=group_size, symmetric=symmetric, n_protected=len(rows),
                 bias=bias is not None, input_scale=input_scale is not None, act_bits=act_bits, compute=compute,
-                dtype=weight.dtype, device=device)
+                grid=grid, dtype=weight.dtype, device=device)
         w = weight.detach().float()
         if quantized is None:
             wq = w[keep] * input_scale.half().float() if input_scale is not None else w[keep]
-            quantized = core.quantize_weight(wq, bits, m.group_size, symmetric)
+            quantized = q4k.quantize(wq) if grid == "q4_k" else core.quantize_weight(wq, bits, m.group_size, symmetric)
         codes, scales, zeros = quantized
-        m.qweight.copy_(pack_bits(codes, bits))
-        m.scales.copy_(scales)
-        if zeros is not None:
-            m.zeros.copy_(pack_bits(zeros, bits))
+        m.qweight.copy_(pack_bits(codes, m.bits))
+        if grid == "q4_k":
+            m.superblock.copy_(scales)
+            m.sub_scales.copy_(zeros)
+        else:
+            m.scales.copy_(scales)
+            if zeros is not None:
+                m.zeros.copy_(pack_bits(zeros, bits))
         m.protected_rows.copy_(rows.to(torch.int32))
         m.protected_weight.copy_(w[rows].half())
         if input_scale is not None:
@@ -102,8 +117,16 @@ class QuantLinear(torch.nn.Module):
     def zero_points(self) -> torch.Tensor | None:
         return None if self.zeros is None else unpack_bits(self.zeros, self.bits, self.scales.shape[1])
 
+    def quantized(self) -> tuple:
+        """What from_weight's `quantized` takes: (codes, scales, zeros) or, on q4_k, (codes, superblock, sub_scales)."""
+        if self.grid == "q4_k":
+            return self.codes(), self.superblock, self.sub_scales
+        return self.codes(), self.scales, self.zero_points()
+
     def dequantized_rows(self, dtype=torch.float32) -> torch.Tensor:
         """The packed rows as floats [n_quantized, in] (in the input_scale-multiplied basis)."""
+        if self.grid == "q4_k":
+            return q4k.dequantize(self.codes(), self.superblock, self.sub_scales, dtype)
         return core.dequantize_codes(self.codes(), self.scales, self.zero_points(), self.bits, self.group_size, dtype)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -149,10 +172,16 @@ class QuantLinear(torch.nn.Module):
             codes = torch.full((n_pad, k_pad), 8, dtype=torch.int32, device=device)
             codes[:n_q, :K] = self.codes().to(torch.int32)
             # ours: (q - z) * s; the kernel's: (q - 8) * s + zero  =>  zero = (8 - z) * s
-            s = self.scales.float()
-            z = torch.full_like(s, 8.0) if self.zero_points() is None else self.zero_points().float()
+            # (q4_k: s * q - offset  =>  zero = 8 s - offset)
+            if self.grid == "q4_k":
+                s, offset = q4k.scale_offset(self.superblock, self.sub_scales)
+                zf = 8.0 * s - offset
+            else:
+                s = self.scales.float()
+                z = torch.full_like(s, 8.0) if self.zero_points() is None else self.zero_points().float()
+                zf = (8.0 - z) * s
             s_cols = core.expand_groups(s, k_pad, self.group_size or k_pad)[:, ::kg]
-            zf_cols = core.expand_groups((8.0 - z) * s, k_pad, self.group_size or k_pad)[:, ::kg]
+            zf_cols = core.expand_groups(zf, k_pad, self.group_size or k_pad)[:, ::kg]
             sz = torch.zeros(k_pad // kg, n_pad, 2, device=device)
             sz[:, :n_q, 0], sz[:, :n_q, 1] = s_cols.t(), zf_cols.t()
             self._cache = {"w": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
@@ -246,16 +275,18 @@ class QuantLinear(torch.nn.Module):
     def storage_bytes(self) -> dict[str, int]:
         """Bytes of what the checkpoint stores for this layer's weight (bias excluded)."""
         parts = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros,
+                 "superblock": self.superblock, "sub_scales": self.sub_scales,
                  "protected_rows": self.protected_rows, "protected_weight": self.protected_weight,
                  "input_scale": self.input_scale}
         return {k: t.numel() * t.element_size() for k, t in parts.items() if t is not None}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
-                f"symmetric={self.symmetric}, protected={self.n_protected}, act_bits={self.act_bits}, kernel={self.kernel}")
+                f"symmetric={self.symmetric}, grid={self.grid}, protected={self.n_protected}, act_bits={self.act_bits}, kernel={self.kernel}")
 
     def spec(self) -> dict:
         """What is needed to rebuild the empty module before loading its tensors."""
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
                 "group_size": self.group_size, "symmetric": self.symmetric, "n_protected": self.n_protected,
-                "bias": self.bias is not None, "input_scale": self.input_scale is not None, "act_bits": self.act_bits}
+                "bias": self.bias is not None, "input_scale": self.input_scale is not None, "act_bits": self.act_bits,
+                "grid": self.grid}

@@ -16,7 +16,7 @@ def packed_width(n: int, bits: int) -> int:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: integer tensor [..., n] with values in [0, 2**bits). Returns uint8 [..., packed_width]."""
-    if bits not in (2, 3, 4, 8):
+    if bits not in (2, 3, 4, 5, 8):   # 5: the q4_k grid's Q5_0 fallback (grid.py)
         raise MvquantError(f"cannot pack {bits}-bit codes: use 2, 3, 4 or 8 bits")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
