@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="an mvquant checkpoint of the built-in model")
     p.add_argument("--gguf-int4", default="q5_0", help="type of our export's int4 linears (q5_0 or q4_1)")
+    p.add_argument("--gguf-embed", default="f16", help="type of our export's token embedding (f16 or q8_0)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     files = {k: (v, None) for k, v in make_llamacpp_files(work, a.threads).items()}
     ours = work / "mvquant.gguf"
-    s = export_gguf(a.checkpoint, ours, int4=a.gguf_int4)
+    s = export_gguf(a.checkpoint, ours, int4=a.gguf_int4, embed=a.gguf_embed)
     files["mvquant export + adapter"] = (ours, adapter_path(ours) if s["adapter"] else None)
     files["mvquant export, no adapter"] = (ours, None)
 

@@ -85,6 +85,9 @@ def test_per_task_limits():
     ({"dtype": "int8"}, "dtype 'int8' not supported"),
     ({"contrasts": [["m4", "nope"]]}, "'contrasts' names unknown arm\\(s\\) nope"),
     ({"contrasts": ["m4"]}, "list of \\[arm, baseline\\] pairs"),
+    ({"arms": [{"name": "x", "method": "rtn", "bits": 4, "engine": "vllm"}]}, "unknown engine 'vllm': use one of transformers, llamacpp"),
+    ({"arms": [{"name": "x", "method": "none", "engine": "llamacpp"}]}, "engine llamacpp scores the arm's GGUF export"),
+    ({"arms": [{"name": "x", "method": "rtn", "bits": 4, "engine": "llamacpp", "kv_bits": 4}]}, "without disrupt or kv_"),
 ])
 def test_bad_recipes_name_the_problem_and_the_allowed_values(change, match):
     with pytest.raises(MvquantError, match=match):
@@ -197,3 +200,11 @@ def test_gemma_recipes_mirror_the_smollm2_ones():
     assert arms("gemma3-270m-figure5") == arms("figure5")
     table1 = arms("gemma3-270m-table1")
     assert arms("table1") < table1 and {a[5] for a in table1 if a[4] != "none"} == {1, 4}
+
+
+def test_engine_key_leaves_in_process_cache_keys_alone():
+    r = parse_recipe(base(arms=[{"name": "a", "method": "rtn", "bits": 4},
+                                {"name": "b", "method": "rtn", "bits": 4, "engine": "llamacpp"}], quick={"limit": 2}),
+                     catalog=CATALOG)
+    a, b = r.arm("a").spec(), r.arm("b").spec()
+    assert "engine" not in a and b.pop("engine") == "llamacpp" and a == b

@@ -155,3 +155,28 @@ np.save({str(tmp_path / 'ref.npy')!r}, dst)
     a, b = dequantize(ours, T.Q4_K), dequantize(ref, T.Q4_K)
     err_ours, err_ref = np.square(a.reshape(w.shape) - w.numpy()).mean(), np.square(b.reshape(w.shape) - w.numpy()).mean()
     assert abs(err_ours / err_ref - 1) < 0.01                                  # the same quality where they differ
+
+
+def test_compare_scores_an_arm_in_llamacpp(tmp_path):
+    """`mvquant compare` with `engine: llamacpp`: the arm's checkpoint exported to GGUF and scored in
+    llama.cpp on the same items as the in-process arm of the same quantizer."""
+    _env_or_skip()
+    from mvquant.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""name: gguf-arms
+model: smollm2-135m
+tasks: [capitals]
+limit: 12
+arms:
+  - {name: rtn-w4, method: rtn, bits: 4, group_size: 64}
+  - {name: rtn-w4-llamacpp, method: rtn, bits: 4, group_size: 64, engine: llamacpp}
+""")
+    assert main(["compare", "--recipe", str(recipe), "--output", str(tmp_path / "out")]) == 0
+    import csv
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    a, b = rows["rtn-w4"], rows["rtn-w4-llamacpp"]
+    assert list((tmp_path / "out").rglob("model.gguf"))
+    assert int(a["n"]) == int(b["n"]) == 12
+    # the same function up to llama.cpp's 8-bit activation rounding: at most one item in 12 may differ
+    assert abs(float(a["acc"]) - float(b["acc"])) <= 1 / 12 + 1e-9

@@ -45,7 +45,8 @@ PROTECT_ALLOWED = "massive | none | random | topk:N"
 RECIPE_KEYS = ("name", "description", "model", "dtype", "seed", "calibration", "tasks", "limit",
                "defaults", "quick", "arms", "contrasts")
 KV_KEYS = ("kv_bits", "kv_protect", "kv_group_size", "kv_residual", "kv_sink", "kv_axis", "kv_backend")
-ARM_KEYS = ("name", "method", "bits", "group_size", "protect", "disrupt", "top_k", "seed", "options") + KV_KEYS
+ARM_KEYS = ("name", "method", "bits", "group_size", "protect", "disrupt", "top_k", "seed", "options", "engine") + KV_KEYS
+ENGINES = ("transformers", "llamacpp")   # llamacpp: the arm's checkpoint exported to GGUF and scored in llama.cpp
 DEFAULT_GROUP_SIZE = qconfig.QuantConfig.group_size   # written out so that it is part of the arm's cache key
 CALIBRATION_KEYS = ("samples", "seq_len", "lambda", "top_k", "data", "batch_size")
 QUICK_KEYS = ("limit", "calibration", "arms", "tasks")
@@ -73,6 +74,7 @@ class Arm:
     kv_sink: int = 0
     kv_axis: str = "channel"
     kv_backend: str = "mvquant"       # quanto / hqq: transformers' QuantizedCache (a baseline)
+    engine: str = "transformers"      # llamacpp: `mvquant export --format gguf` of the checkpoint, scored in llama.cpp
 
     @property
     def quantized(self) -> bool:
@@ -102,6 +104,8 @@ class Arm:
                 d.pop(k)
         elif self.kv_backend == "mvquant":   # the default backend keeps the cache keys of earlier kv arms
             d.pop("kv_backend")
+        if self.engine == "transformers":   # in-process arms keep the keys they always had
+            d.pop("engine")
         return d
 
 
@@ -235,8 +239,15 @@ def _validate_arm(raw, defaults: dict, index: int, recipe_seed: int, where: str)
     if options and method == "none":
         raise MvquantError(f"{at}: 'options' configure a quantizer; method 'none' has none: remove them")
     kv = _validate_kv(raw, a, at)
+    engine = a.get("engine", "transformers")
+    if engine not in ENGINES:
+        raise MvquantError(f"{at}: unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "llamacpp" and (method in ("none", "smoothquant") or method.startswith("bnb-")
+                                 or disrupt != "none" or kv):
+        raise MvquantError(f"{at}: engine llamacpp scores the arm's GGUF export: it needs method rtn, awq or gptq, "
+                           "without disrupt or kv_* (bash scripts/setup-llamacpp.sh once)")
     return Arm(name=name, method=method, bits=bits, group_size=group_size, protect=protect, disrupt=disrupt,
-               top_k=top_k, seed=seed, options=dict(options), **kv)
+               top_k=top_k, seed=seed, options=dict(options), engine=engine, **kv)
 
 
 def _validate_kv(raw: dict, merged: dict, at: str) -> dict:

@@ -113,8 +113,23 @@ class ModelArmRunner:
         for arm in recipe.arms:
             if arm.quantized:
                 self.quant_config(arm, recipe)
+        if any(arm.engine == "llamacpp" for arm in recipe.arms):   # before any work: llama.cpp is there
+            from ..evaluation.llamacpp import venv_python
+            from ..export.gguf_export import llamacpp_dir
+            venv_python(), llamacpp_dir()
 
     def __call__(self, arm: Arm, ctx: ArmContext) -> PreparedArm:
+        prepared = self._prepare(arm, ctx)
+        if arm.engine == "llamacpp":   # scored in llama.cpp: the checkpoint's GGUF export (cached beside it)
+            from ..export.gguf_export import export_gguf
+            gguf = ctx.arm_dir / "model.gguf"
+            if not gguf.is_file():
+                export_gguf(prepared.info["checkpoint"], gguf)
+            prepared.info["gguf"] = str(gguf)
+            prepared.info["gguf_bytes"] = gguf.stat().st_size
+        return prepared
+
+    def _prepare(self, arm: Arm, ctx: ArmContext) -> PreparedArm:
         checkpoint = ctx.arm_dir / "checkpoint"
         if arm.quantized and (checkpoint / "config.json").is_file():
             try:
@@ -175,9 +190,13 @@ class EvalTaskRunner:
         arm = prepared.arm
         disrupt = None if arm is None or arm.disrupt == "none" else arm.disrupt
         kv = {"kv": arm.kv_config()} if arm is not None and arm.kv_bits is not None else {}
-        result = evaluate(None, [task], limit=limit, disrupt=disrupt, top_k=arm.top_k if arm else None,
-                          report=prepared.report, model=prepared.model, tokenizer=prepared.tokenizer, progress=False,
-                          **kv)
+        if arm is not None and arm.engine == "llamacpp":
+            result = evaluate(prepared.info["gguf"], [task], limit=limit, engine="llamacpp",
+                              tokenizer=prepared.info["checkpoint"], progress=False)
+        else:
+            result = evaluate(None, [task], limit=limit, disrupt=disrupt, top_k=arm.top_k if arm else None,
+                              report=prepared.report, model=prepared.model, tokenizer=prepared.tokenizer,
+                              progress=False, **kv)
         try:
             return result["tasks"][task]
         except (KeyError, TypeError):

@@ -54,8 +54,13 @@ def main(argv=None) -> int:
                 ctx, cont = list(req["context"]), list(req["continuation"])
                 toks = (ctx + cont)[-a.n_ctx:]
                 n_cont = len(cont)
-                llm.reset()
-                llm.eval(toks)
+                # prefix sharing: keep the KV cache of the tokens this request shares with the last one
+                # (the choices of one item share their context); at least one token is evaluated again
+                prev = llm.input_ids[: llm.n_tokens]
+                m = min(len(prev), len(toks) - 1)
+                diff = np.flatnonzero(prev[:m] != np.asarray(toks[:m]))
+                llm.n_tokens = int(diff[0]) if diff.size else m
+                llm.eval(toks[llm.n_tokens:])
                 scores = llm.scores[: len(toks)]
                 logprob, greedy = 0.0, True
                 for i in range(len(toks) - n_cont, len(toks)):
