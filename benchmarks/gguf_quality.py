@@ -116,9 +116,11 @@ def main(argv=None) -> int:
         label, _, ck = spec.rpartition("=")
         out = work / f"{len(exports)}.gguf"
         exports[label] = export_gguf(ck, out, embed="q8_0")
-        files[f"{label} + adapter"] = (out, adapter_path(out) if exports[label]["adapter"] else None)
         if exports[label]["adapter"]:
+            files[f"{label} + adapter"] = (out, adapter_path(out))
             files[f"{label}, no adapter"] = (out, None)
+        else:
+            files[label] = (out, None)
 
     rows, per_window = {}, {}
     for label, (path, lora) in files.items():
