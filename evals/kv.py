@@ -37,6 +37,7 @@ from mvquant.evaluation.perplexity import perplexity_summary, window_nll
 from mvquant.evaluation.runner import evaluate
 from mvquant.io import atomic_write_json, atomic_write_text
 from mvquant.kvcache import KVCacheFactory, KVConfig
+from mvquant.kvcache.cache import ROTATED
 
 DEFAULT_TASKS = "contextual,parametric"
 
@@ -122,8 +123,10 @@ def group_delta(a: dict, b: dict, tasks: list[str]) -> tuple[float, float]:
 
 
 def contrasts(names: list[str]) -> list[tuple[str, str]]:
-    """massive vs none and vs random at the same bits/axis; each baseline vs our unprotected cache at the
-    same bits (KIVI per-channel K, and per-token K if run); every arm vs fp."""
+    """massive vs none and vs random at the same bits/axis; rotated arms (turboquant / rht, unprotected or
+    massive) vs protection without rotation (per-token K, massive) and vs KIVI (per-channel K, none) at the
+    same bits; each baseline vs our unprotected cache at the same bits (KIVI per-channel K, and per-token K
+    if run); every arm vs fp."""
     pairs = []
     for n in names:
         if n == "fp":
@@ -131,6 +134,8 @@ def contrasts(names: list[str]) -> list[tuple[str, str]]:
         backend, b, axis, protect = parse_arm(n)
         if backend == "mvquant" and protect == "massive":
             pairs += [(n, f"kv{b}-{axis}-{o}") for o in ("none", "random") if f"kv{b}-{axis}-{o}" in names]
+        if backend == "mvquant" and axis in ROTATED and protect != "random":   # rotation against protection
+            pairs += [(n, o) for o in (f"kv{b}-token-massive", f"kv{b}-channel-none") if o in names]
         if backend != "mvquant":
             pairs += [(n, f"kv{b}-{a}-{p}") for a in ("channel", "token") for p in ("none", "massive")
                       if f"kv{b}-{a}-{p}" in names]
@@ -142,6 +147,12 @@ def group_cell(diff: float, stderr: float) -> str:
     """A group contrast in points; bold when it is more than two standard errors from zero."""
     mark = "**" if abs(diff) > 2 * stderr else ""
     return f"{mark}{100 * diff:+.1f}{mark} ± {100 * stderr:.1f}"
+
+
+def record_command(meta: dict, command: str) -> None:
+    """Every evaluation command run on this directory, in order (an earlier run's arms are reused, so the
+    header must list them all); a directory from before this list starts it with its one saved command."""
+    meta["commands"] = [c for c in meta.get("commands", [meta.get("command")]) if c] + [command]
 
 
 def render_ppl(ppl: dict, meta: dict) -> list[str]:
@@ -166,7 +177,8 @@ def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | Non
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     sp = (speed or {}).get("arms", {})
     lines = [f"# KV-cache quantization on {meta['model']}", "",
-             f"Command: `{meta.get('command')}`" + (f"; decode speed: `{meta['speed_command']}`"
+             "Commands (in order; a rerun skips the arms already saved): "
+             + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")])) + (f"; decode speed: `{meta['speed_command']}`"
                                                     if meta.get("speed_command") else ""), "",
              f"n = {meta['limit']} items per task (the first n of each bundled task), log-likelihood scoring; "
              f"group size {meta['group_size']}, residual {meta['residual']} tokens, sink {meta['sink']}; K quantized "
@@ -250,6 +262,8 @@ def main(argv=None) -> int:
         meta.update({"model": args.model, **settings, "calibration": args.calibration})
         key = "speed_command" if args.speed_only else "command"
         meta[key] = "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+        if not args.speed_only:
+            record_command(meta, meta[key])
     meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
     speed_path = args.output_dir / "speed.json"
     if not args.render:

@@ -57,6 +57,17 @@ def test_contrasts_and_rendered_paired_differences():
     assert "| kv2-channel-none − fp | -50.0 ± 28.9 | +0.0 ± 0.0 | -50.0 ± 28.9 |" in md
     assert kv.group_cell(-0.3, 0.1) == "**-30.0** ± 10.0" and kv.group_cell(0.0, 0.0) == "+0.0 ± 0.0"
     assert "0.50x (0.40-0.60)" in md and "100 B (20.0%)" in md
+    assert "Commands (in order; a rerun skips the arms already saved): `c`" in md
+    md = kv.render(results, {"arms": list(results), "model": "m", "commands": ["a", "b"], "limit": 4,
+                             "group_size": 32, "residual": 32, "sink": 0})
+    assert "saved): `a`; `b`" in md
+    meta = {"command": "old"}
+    kv.record_command(meta, "new")
+    kv.record_command(meta, "newer")
+    assert meta["commands"] == ["old", "new", "newer"]
+    fresh = {}
+    kv.record_command(fresh, "first")
+    assert fresh["commands"] == ["first"]
 
 
 def test_decode_speed_ratios_per_round():
@@ -113,6 +124,13 @@ def test_rotated_arms_and_the_perplexity_table():
     with pytest.raises(Exception, match="turboquant takes --kv-bits 2, 3, 4"):
         kv.arm_config("kv8-turboquant-none", args)
     assert ("kv3-rht-massive", "kv3-rht-random") in kv.contrasts(["fp", "kv3-rht-massive", "kv3-rht-random"])
+    # rotation against protection at the same bits: rotated none / massive vs per-token massive and KIVI
+    pairs = kv.contrasts(["fp", "kv3-token-massive", "kv3-channel-none", "kv3-rht-none", "kv3-rht-random",
+                          "kv3-turboquant-massive", "kv2-token-massive"])
+    assert {("kv3-rht-none", "kv3-token-massive"), ("kv3-rht-none", "kv3-channel-none"),
+            ("kv3-turboquant-massive", "kv3-token-massive")} <= set(pairs)
+    assert not {p for p in pairs if p[0] == "kv3-rht-random" and p[1] != "fp"}
+    assert ("kv3-rht-none", "kv2-token-massive") not in pairs
     meta = {"arms": ["fp", "kv3-turboquant-none"], "ppl_seq_len": 256}
     lines = kv.render_ppl({"fp": {"nll": [2.0, 3.0]}, "kv3-turboquant-none": {"nll": [2.1, 3.1]}}, meta)
     assert "| kv3-turboquant-none | 13.464 | +10.52% ± 0.00 |" in lines
