@@ -143,6 +143,31 @@ def contrasts(names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+EQUAL_BYTES = 0.02   # "equal bytes": cache sizes within 2% of the fp16 cache of each other
+
+
+def equal_bytes_pairs(names: list[str], ratio: dict) -> list[tuple[str, str]]:
+    """Rotated arms (unprotected or massive) vs the unrotated per-token massive and per-channel (KIVI)
+    unprotected arms at another bit width whose bytes per token (`ratio`: arm -> share of fp16) is within
+    EQUAL_BYTES: the comparison at equal memory that the same-bits contrasts do not make (rotation stores
+    one scale per head vector, turboquant keeps boundary layers exact, so equal bits are not equal bytes)."""
+    pairs = []
+    for n in names:
+        if n == "fp" or n not in ratio:
+            continue
+        backend, b, axis, protect = parse_arm(n)
+        if backend != "mvquant" or axis not in ROTATED or protect == "random":
+            continue
+        for o in names:
+            if o == "fp" or o not in ratio:
+                continue
+            ob, obits, oaxis, oprot = parse_arm(o)
+            if (ob == "mvquant" and obits != b and (oaxis, oprot) in (("token", "massive"), ("channel", "none"))
+                    and abs(ratio[o] - ratio[n]) <= EQUAL_BYTES):
+                pairs.append((n, o))
+    return pairs
+
+
 def group_cell(diff: float, stderr: float) -> str:
     """A group contrast in points; bold when it is more than two standard errors from zero."""
     mark = "**" if abs(diff) > 2 * stderr else ""
@@ -213,6 +238,18 @@ def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | Non
         cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
         gs = [group_cell(*group_delta(ra, rb, ts)) if ts else "-" for ts in groups.values()]
         lines.append(f"| {a} − {b} | " + " | ".join(cells + gs) + " |")
+    ratio = {n: results[n]["kv_cache"]["ratio"] for n in names if results[n].get("kv_cache")}
+    same_size = equal_bytes_pairs(names, ratio)
+    if same_size:
+        lines += ["", f"## Rotation against protection at equal bytes (B/token within {100 * EQUAL_BYTES:.0f}% of "
+                  "fp16's of each other, other bit widths; points)", "",
+                  "| contrast | B/token (% of fp16) | " + " | ".join(tasks) + " | contextual | parametric |",
+                  "|---|---:|" + "---:|" * (len(tasks) + 2)]
+        for a, b in same_size:
+            ra, rb = results[a], results[b]
+            cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
+            gs = [group_cell(*group_delta(ra, rb, ts)) if ts else "-" for ts in groups.values()]
+            lines.append(f"| {a} − {b} | {100 * ratio[a]:.1f} vs {100 * ratio[b]:.1f} | " + " | ".join(cells + gs) + " |")
     lines += render_ppl(ppl or {}, meta)
     return "\n".join(lines) + "\n"
 

@@ -135,3 +135,14 @@ def test_rotated_arms_and_the_perplexity_table():
     lines = kv.render_ppl({"fp": {"nll": [2.0, 3.0]}, "kv3-turboquant-none": {"nll": [2.1, 3.1]}}, meta)
     assert "| kv3-turboquant-none | 13.464 | +10.52% ± 0.00 |" in lines
     assert kv.render_ppl({"kv3-turboquant-none": {"nll": [2.1]}}, meta) == []     # no fp arm: no contrast
+
+
+def test_equal_bytes_pairs_cross_bit_widths():
+    ratio = {"kv3-channel-none": 0.271, "kv3-token-massive": 0.278, "kv4-rht-none": 0.281, "kv4-rht-random": 0.293,
+             "kv3-rht-none": 0.219, "kv2-channel-none": 0.188, "kv4-channel-none": 0.312, "kv3-turboquant-none": 0.316}
+    names = ["fp", *ratio]
+    pairs = kv.equal_bytes_pairs(names, ratio)
+    # 4-bit rht (28.1%) against 3-bit KIVI (27.1%) and 3-bit per-token massive (27.8%); 3-bit turboquant
+    # (31.6%, boundary layers exact) against 4-bit KIVI (31.2%); 3-bit rht (21.9%) has nothing within 2%
+    assert sorted(pairs) == sorted([("kv4-rht-none", "kv3-channel-none"), ("kv4-rht-none", "kv3-token-massive"),
+                                    ("kv3-turboquant-none", "kv4-channel-none")])
