@@ -297,10 +297,10 @@ def main(argv=None) -> int:
                          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in stale.items()) + ": use another --output-dir")
     if not args.render:
         meta.update({"model": args.model, **settings, "calibration": args.calibration})
-        key = "speed_command" if args.speed_only else "command"
-        meta[key] = "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+        command = "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
         if not args.speed_only:
-            record_command(meta, meta[key])
+            record_command(meta, command)   # before "command" is overwritten: a directory from before the list
+        meta["speed_command" if args.speed_only else "command"] = command
     meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
     speed_path = args.output_dir / "speed.json"
     if not args.render:

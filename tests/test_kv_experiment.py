@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,20 @@ def test_equal_bytes_pairs_cross_bit_widths():
     # (31.6%, boundary layers exact) against 4-bit KIVI (31.2%); 3-bit rht (21.9%) has nothing within 2%
     assert sorted(pairs) == sorted([("kv4-rht-none", "kv3-channel-none"), ("kv4-rht-none", "kv3-token-massive"),
                                     ("kv3-turboquant-none", "kv4-channel-none")])
+
+
+def test_a_rerun_keeps_the_earlier_command(tmp_path, monkeypatch):
+    """A directory from before the command list: its one saved command is kept ahead of the new one."""
+    (tmp_path / "meta.json").write_text('{"arms": ["fp"], "tasks": "contextual", "limit": 12, "group_size": 32, '
+                                        '"residual": 0, "sink": 0, "command": "python evals/kv.py old"}')
+
+    def stop(*a, **k):
+        raise RuntimeError("model not loaded in this test")
+    monkeypatch.setattr(kv, "load_model", stop)
+    with pytest.raises(RuntimeError, match="not loaded"):
+        kv.main(["--output-dir", str(tmp_path), "--tasks", "contextual", "--limit", "12", "--residual", "0",
+                 "--calibration", "x.json", "--arms", "fp"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    new = ("python evals/kv.py --output-dir " + str(tmp_path) + " --tasks contextual --limit 12 --residual 0 "
+           "--calibration x.json --arms fp")
+    assert meta["commands"] == ["python evals/kv.py old", new] and meta["command"] == new
