@@ -243,13 +243,18 @@ def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | Non
     if same_size:
         lines += ["", f"## Rotation against protection at equal bytes (B/token within {100 * EQUAL_BYTES:.0f}% of "
                   "fp16's of each other, other bit widths; points)", "",
-                  "| contrast | B/token (% of fp16) | " + " | ".join(tasks) + " | contextual | parametric |",
-                  "|---|---:|" + "---:|" * (len(tasks) + 2)]
+                  "| contrast | B/token (% of fp16) | " + " | ".join(tasks) + " | contextual | parametric | "
+                  "perplexity, paired change |", "|---|---:|" + "---:|" * (len(tasks) + 3)]
         for a, b in same_size:
             ra, rb = results[a], results[b]
             cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
             gs = [group_cell(*group_delta(ra, rb, ts)) if ts else "-" for ts in groups.values()]
-            lines.append(f"| {a} − {b} | {100 * ratio[a]:.1f} vs {100 * ratio[b]:.1f} | " + " | ".join(cells + gs) + " |")
+            pc = "-"
+            if a in (ppl or {}) and b in ppl:
+                s = perplexity_summary(ppl[a]["nll"], ppl[b]["nll"])
+                pc = f"{100 * s['ppl_change']:+.1f}% ± {100 * s['ppl_change_se']:.1f}"
+            lines.append(f"| {a} − {b} | {100 * ratio[a]:.1f} vs {100 * ratio[b]:.1f} | " + " | ".join(cells + gs)
+                         + f" | {pc} |")
     lines += render_ppl(ppl or {}, meta)
     return "\n".join(lines) + "\n"
 

@@ -164,3 +164,17 @@ def test_a_rerun_keeps_the_earlier_command(tmp_path, monkeypatch):
     new = ("python evals/kv.py --output-dir " + str(tmp_path) + " --tasks contextual --limit 12 --residual 0 "
            "--calibration x.json --arms fp")
     assert meta["commands"] == ["python evals/kv.py old", new] and meta["command"] == new
+
+
+def test_rendered_equal_bytes_table_with_paired_perplexity():
+    groups = {"passkey_128": "contextual", "capitals": "parametric"}
+    c = lambda r: {"bytes_per_token": 100 * r, "ratio": r, "protected_k_channels": 0, "protected_share": 0.0}  # noqa: E731
+    results = {"fp": _result({"passkey_128": [1, 1, 1, 1], "capitals": [1, 1, 1, 1]}, groups),
+               "kv3-channel-none": _result({"passkey_128": [0, 0, 1, 1], "capitals": [1, 1, 1, 1]}, groups, c(0.27)),
+               "kv4-rht-none": _result({"passkey_128": [1, 0, 1, 1], "capitals": [1, 1, 1, 1]}, groups, c(0.28))}
+    ppl = {"fp": {"nll": [2.0, 3.0]}, "kv3-channel-none": {"nll": [2.2, 3.2]}, "kv4-rht-none": {"nll": [2.1, 3.1]}}
+    md = kv.render(results, {"arms": list(results), "model": "m", "command": "c", "limit": 4, "group_size": 32,
+                             "residual": 0, "sink": 0, "ppl_seq_len": 512}, None, ppl)
+    # +1 of 4 passkey items = +25.0 ± 25.0; nll 0.1 lower on both windows: exp(-0.1) - 1 = -9.5%, se 0
+    assert "| kv4-rht-none − kv3-channel-none | 28.0 vs 27.0 | +25.0 ± 25.0 | +0.0 ± 0.0 | +25.0 ± 25.0 | " \
+           "+0.0 ± 0.0 | -9.5% ± 0.0 |" in md
