@@ -198,7 +198,10 @@ def render_ppl(ppl: dict, meta: dict) -> list[str]:
 def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | None = None) -> str:
     names = [n for n in meta["arms"] if n in results]
     tasks = list(results[names[0]]["tasks"])
-    groups = {g: [t for t in tasks if results[names[0]]["tasks"][t]["group"] == g] for g in ("contextual", "parametric")}
+    # a group's own task list: tasks near chance at full precision on this model are left out (runner.py)
+    groups = {g: results[names[0]]["groups"].get(g, {}).get("tasks",
+                                                          [t for t in tasks if results[names[0]]["tasks"][t]["group"] == g])
+              for g in ("contextual", "parametric")}
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     sp = (speed or {}).get("arms", {})
     lines = [f"# KV-cache quantization on {meta['model']}", "",

@@ -178,3 +178,19 @@ def test_rendered_equal_bytes_table_with_paired_perplexity():
     # +1 of 4 passkey items = +25.0 ± 25.0; nll 0.1 lower on both windows: exp(-0.1) - 1 = -9.5%, se 0
     assert "| kv4-rht-none − kv3-channel-none | 28.0 vs 27.0 | +25.0 ± 25.0 | +0.0 ± 0.0 | +25.0 ± 25.0 | " \
            "+0.0 ± 0.0 | -9.5% ± 0.0 |" in md
+
+
+def test_group_contrasts_leave_out_the_tasks_the_group_leaves_out():
+    """A task near chance at full precision (gemma3-270m's passkey_128) is out of the group mean, so it is
+    out of the group's paired contrast too."""
+    groups = {"passkey_128": "contextual", "passkey_256": "contextual", "capitals": "parametric"}
+    results = {"fp": _result({"passkey_128": [0, 0], "passkey_256": [1, 1], "capitals": [1, 1]}, groups),
+               "kv3-token-none": _result({"passkey_128": [1, 1], "passkey_256": [0, 1], "capitals": [1, 1]}, groups,
+                                         {"bytes_per_token": 1.0, "ratio": 0.25, "protected_k_channels": 0,
+                                          "protected_share": 0.0})}
+    for r in results.values():
+        r["groups"]["contextual"]["tasks"] = ["passkey_256"]
+    md = kv.render(results, {"arms": list(results), "model": "m", "command": "c", "limit": 2, "group_size": 32,
+                             "residual": 0, "sink": 0})
+    # passkey_256 alone: -50.0 ± 50.0 (with passkey_128's +100 the mean would be +25.0)
+    assert "| kv3-token-none − fp | +100.0 ± 0.0 | -50.0 ± 50.0 | +0.0 ± 0.0 | -50.0 ± 50.0 | +0.0 ± 0.0 |" in md
