@@ -309,7 +309,8 @@ def main(argv=None) -> int:
         if not args.speed_only:
             record_command(meta, command)   # before "command" is overwritten: a directory from before the list
         meta["speed_command" if args.speed_only else "command"] = command
-    meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
+    if not args.render:   # --render only re-writes kv.md: it adds no arm names (the defaults, without --arms)
+        meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
     speed_path = args.output_dir / "speed.json"
     if not args.render:
         atomic_write_json(meta_path, meta)

@@ -194,3 +194,10 @@ def test_group_contrasts_leave_out_the_tasks_the_group_leaves_out():
                              "residual": 0, "sink": 0})
     # passkey_256 alone: -50.0 ± 50.0 (with passkey_128's +100 the mean would be +25.0)
     assert "| kv3-token-none − fp | +100.0 ± 0.0 | -50.0 ± 50.0 | +0.0 ± 0.0 | -50.0 ± 50.0 | +0.0 ± 0.0 |" in md
+
+
+def test_render_adds_no_arm_names(tmp_path):
+    (tmp_path / "meta.json").write_text('{"arms": ["fp"], "tasks": "contextual", "limit": 12, "group_size": 32, '
+                                        '"residual": 0, "sink": 0}')
+    assert kv.main(["--output-dir", str(tmp_path), "--calibration", "x.json", "--render"]) == 0
+    assert json.loads((tmp_path / "meta.json").read_text())["arms"] == ["fp"]
