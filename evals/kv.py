@@ -199,15 +199,15 @@ def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | Non
     names = [n for n in meta["arms"] if n in results]
     tasks = list(results[names[0]]["tasks"])
     # a group's own task list: tasks near chance at full precision on this model are left out (runner.py)
-    groups = {g: results[names[0]]["groups"].get(g, {}).get("tasks",
-                                                          [t for t in tasks if results[names[0]]["tasks"][t]["group"] == g])
+    first = results[names[0]]
+    groups = {g: first["groups"].get(g, {}).get("tasks", [t for t in tasks if first["tasks"][t]["group"] == g])
               for g in ("contextual", "parametric")}
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     sp = (speed or {}).get("arms", {})
     lines = [f"# KV-cache quantization on {meta['model']}", "",
              "Commands (in order; a rerun skips the arms already saved): "
-             + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")])) + (f"; decode speed: `{meta['speed_command']}`"
-                                                    if meta.get("speed_command") else ""), "",
+             + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")]))
+             + (f"; decode speed: `{meta['speed_command']}`" if meta.get("speed_command") else ""), "",
              f"n = {meta['limit']} items per task (the first n of each bundled task), log-likelihood scoring; "
              f"group size {meta['group_size']}, residual {meta['residual']} tokens, sink {meta['sink']}; K quantized "
              "after RoPE; every attention read (the prompt's own included) sees the quantized cache. "
