@@ -37,6 +37,7 @@ from mvquant.evaluation.perplexity import perplexity_summary, window_nll
 from mvquant.evaluation.runner import evaluate
 from mvquant.io import atomic_write_json, atomic_write_text
 from mvquant.kvcache import KVCacheFactory, KVConfig
+from mvquant.kvcache.cache import ROTATED
 
 DEFAULT_TASKS = "contextual,parametric"
 
@@ -122,8 +123,10 @@ def group_delta(a: dict, b: dict, tasks: list[str]) -> tuple[float, float]:
 
 
 def contrasts(names: list[str]) -> list[tuple[str, str]]:
-    """massive vs none and vs random at the same bits/axis; each baseline vs our unprotected cache at the
-    same bits (KIVI per-channel K, and per-token K if run); every arm vs fp."""
+    """massive vs none and vs random at the same bits/axis; rotated arms (turboquant / rht, unprotected or
+    massive) vs protection without rotation (per-token K, massive) and vs KIVI (per-channel K, none) at the
+    same bits; each baseline vs our unprotected cache at the same bits (KIVI per-channel K, and per-token K
+    if run); every arm vs fp."""
     pairs = []
     for n in names:
         if n == "fp":
@@ -131,6 +134,8 @@ def contrasts(names: list[str]) -> list[tuple[str, str]]:
         backend, b, axis, protect = parse_arm(n)
         if backend == "mvquant" and protect == "massive":
             pairs += [(n, f"kv{b}-{axis}-{o}") for o in ("none", "random") if f"kv{b}-{axis}-{o}" in names]
+        if backend == "mvquant" and axis in ROTATED and protect != "random":   # rotation against protection
+            pairs += [(n, o) for o in (f"kv{b}-token-massive", f"kv{b}-channel-none") if o in names]
         if backend != "mvquant":
             pairs += [(n, f"kv{b}-{a}-{p}") for a in ("channel", "token") for p in ("none", "massive")
                       if f"kv{b}-{a}-{p}" in names]
@@ -138,10 +143,41 @@ def contrasts(names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+EQUAL_BYTES = 0.02   # "equal bytes": cache sizes within 2% of the fp16 cache of each other
+
+
+def equal_bytes_pairs(names: list[str], ratio: dict) -> list[tuple[str, str]]:
+    """Rotated arms (unprotected or massive) vs the unrotated per-token massive and per-channel (KIVI)
+    unprotected arms at another bit width whose bytes per token (`ratio`: arm -> share of fp16) is within
+    EQUAL_BYTES: the comparison at equal memory that the same-bits contrasts do not make (rotation stores
+    one scale per head vector, turboquant keeps boundary layers exact, so equal bits are not equal bytes)."""
+    pairs = []
+    for n in names:
+        if n == "fp" or n not in ratio:
+            continue
+        backend, b, axis, protect = parse_arm(n)
+        if backend != "mvquant" or axis not in ROTATED or protect == "random":
+            continue
+        for o in names:
+            if o == "fp" or o not in ratio:
+                continue
+            ob, obits, oaxis, oprot = parse_arm(o)
+            if (ob == "mvquant" and obits != b and (oaxis, oprot) in (("token", "massive"), ("channel", "none"))
+                    and abs(ratio[o] - ratio[n]) <= EQUAL_BYTES):
+                pairs.append((n, o))
+    return pairs
+
+
 def group_cell(diff: float, stderr: float) -> str:
     """A group contrast in points; bold when it is more than two standard errors from zero."""
     mark = "**" if abs(diff) > 2 * stderr else ""
     return f"{mark}{100 * diff:+.1f}{mark} ± {100 * stderr:.1f}"
+
+
+def record_command(meta: dict, command: str) -> None:
+    """Every evaluation command run on this directory, in order (an earlier run's arms are reused, so the
+    header must list them all); a directory from before this list starts it with its one saved command."""
+    meta["commands"] = [c for c in meta.get("commands", [meta.get("command")]) if c] + [command]
 
 
 def render_ppl(ppl: dict, meta: dict) -> list[str]:
@@ -162,12 +198,16 @@ def render_ppl(ppl: dict, meta: dict) -> list[str]:
 def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | None = None) -> str:
     names = [n for n in meta["arms"] if n in results]
     tasks = list(results[names[0]]["tasks"])
-    groups = {g: [t for t in tasks if results[names[0]]["tasks"][t]["group"] == g] for g in ("contextual", "parametric")}
+    # a group's own task list: tasks near chance at full precision on this model are left out (runner.py)
+    first = results[names[0]]
+    groups = {g: first["groups"].get(g, {}).get("tasks", [t for t in tasks if first["tasks"][t]["group"] == g])
+              for g in ("contextual", "parametric")}
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     sp = (speed or {}).get("arms", {})
     lines = [f"# KV-cache quantization on {meta['model']}", "",
-             f"Command: `{meta.get('command')}`" + (f"; decode speed: `{meta['speed_command']}`"
-                                                    if meta.get("speed_command") else ""), "",
+             "Commands (in order; a rerun skips the arms already saved): "
+             + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")]))
+             + (f"; decode speed: `{meta['speed_command']}`" if meta.get("speed_command") else ""), "",
              f"n = {meta['limit']} items per task (the first n of each bundled task), log-likelihood scoring; "
              f"group size {meta['group_size']}, residual {meta['residual']} tokens, sink {meta['sink']}; K quantized "
              "after RoPE; every attention read (the prompt's own included) sees the quantized cache. "
@@ -201,6 +241,23 @@ def render(results: dict, meta: dict, speed: dict | None = None, ppl: dict | Non
         cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
         gs = [group_cell(*group_delta(ra, rb, ts)) if ts else "-" for ts in groups.values()]
         lines.append(f"| {a} − {b} | " + " | ".join(cells + gs) + " |")
+    ratio = {n: results[n]["kv_cache"]["ratio"] for n in names if results[n].get("kv_cache")}
+    same_size = equal_bytes_pairs(names, ratio)
+    if same_size:
+        lines += ["", f"## Rotation against protection at equal bytes (B/token within {100 * EQUAL_BYTES:.0f}% of "
+                  "fp16's of each other, other bit widths; points)", "",
+                  "| contrast | B/token (% of fp16) | " + " | ".join(tasks) + " | contextual | parametric | "
+                  "perplexity, paired change |", "|---|---:|" + "---:|" * (len(tasks) + 3)]
+        for a, b in same_size:
+            ra, rb = results[a], results[b]
+            cells = ["{:+.1f} ± {:.1f}".format(*(100 * x for x in delta(ra, rb, t))) for t in tasks]
+            gs = [group_cell(*group_delta(ra, rb, ts)) if ts else "-" for ts in groups.values()]
+            pc = "-"
+            if a in (ppl or {}) and b in ppl:
+                s = perplexity_summary(ppl[a]["nll"], ppl[b]["nll"])
+                pc = f"{100 * s['ppl_change']:+.1f}% ± {100 * s['ppl_change_se']:.1f}"
+            lines.append(f"| {a} − {b} | {100 * ratio[a]:.1f} vs {100 * ratio[b]:.1f} | " + " | ".join(cells + gs)
+                         + f" | {pc} |")
     lines += render_ppl(ppl or {}, meta)
     return "\n".join(lines) + "\n"
 
@@ -248,9 +305,12 @@ def main(argv=None) -> int:
                          + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in stale.items()) + ": use another --output-dir")
     if not args.render:
         meta.update({"model": args.model, **settings, "calibration": args.calibration})
-        key = "speed_command" if args.speed_only else "command"
-        meta[key] = "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
+        command = "python evals/kv.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+        if not args.speed_only:
+            record_command(meta, command)   # before "command" is overwritten: a directory from before the list
+        meta["speed_command" if args.speed_only else "command"] = command
+    if not args.render:   # --render only re-writes kv.md: it adds no arm names (the defaults, without --arms)
+        meta["arms"] = meta["arms"] + [n for n in names if n not in meta["arms"]]
     speed_path = args.output_dir / "speed.json"
     if not args.render:
         atomic_write_json(meta_path, meta)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,17 @@ def test_contrasts_and_rendered_paired_differences():
     assert "| kv2-channel-none − fp | -50.0 ± 28.9 | +0.0 ± 0.0 | -50.0 ± 28.9 |" in md
     assert kv.group_cell(-0.3, 0.1) == "**-30.0** ± 10.0" and kv.group_cell(0.0, 0.0) == "+0.0 ± 0.0"
     assert "0.50x (0.40-0.60)" in md and "100 B (20.0%)" in md
+    assert "Commands (in order; a rerun skips the arms already saved): `c`" in md
+    md = kv.render(results, {"arms": list(results), "model": "m", "commands": ["a", "b"], "limit": 4,
+                             "group_size": 32, "residual": 32, "sink": 0})
+    assert "saved): `a`; `b`" in md
+    meta = {"command": "old"}
+    kv.record_command(meta, "new")
+    kv.record_command(meta, "newer")
+    assert meta["commands"] == ["old", "new", "newer"]
+    fresh = {}
+    kv.record_command(fresh, "first")
+    assert fresh["commands"] == ["first"]
 
 
 def test_decode_speed_ratios_per_round():
@@ -113,7 +125,79 @@ def test_rotated_arms_and_the_perplexity_table():
     with pytest.raises(Exception, match="turboquant takes --kv-bits 2, 3, 4"):
         kv.arm_config("kv8-turboquant-none", args)
     assert ("kv3-rht-massive", "kv3-rht-random") in kv.contrasts(["fp", "kv3-rht-massive", "kv3-rht-random"])
+    # rotation against protection at the same bits: rotated none / massive vs per-token massive and KIVI
+    pairs = kv.contrasts(["fp", "kv3-token-massive", "kv3-channel-none", "kv3-rht-none", "kv3-rht-random",
+                          "kv3-turboquant-massive", "kv2-token-massive"])
+    assert {("kv3-rht-none", "kv3-token-massive"), ("kv3-rht-none", "kv3-channel-none"),
+            ("kv3-turboquant-massive", "kv3-token-massive")} <= set(pairs)
+    assert not {p for p in pairs if p[0] == "kv3-rht-random" and p[1] != "fp"}
+    assert ("kv3-rht-none", "kv2-token-massive") not in pairs
     meta = {"arms": ["fp", "kv3-turboquant-none"], "ppl_seq_len": 256}
     lines = kv.render_ppl({"fp": {"nll": [2.0, 3.0]}, "kv3-turboquant-none": {"nll": [2.1, 3.1]}}, meta)
     assert "| kv3-turboquant-none | 13.464 | +10.52% ± 0.00 |" in lines
     assert kv.render_ppl({"kv3-turboquant-none": {"nll": [2.1]}}, meta) == []     # no fp arm: no contrast
+
+
+def test_equal_bytes_pairs_cross_bit_widths():
+    ratio = {"kv3-channel-none": 0.271, "kv3-token-massive": 0.278, "kv4-rht-none": 0.281, "kv4-rht-random": 0.293,
+             "kv3-rht-none": 0.219, "kv2-channel-none": 0.188, "kv4-channel-none": 0.312, "kv3-turboquant-none": 0.316}
+    names = ["fp", *ratio]
+    pairs = kv.equal_bytes_pairs(names, ratio)
+    # 4-bit rht (28.1%) against 3-bit KIVI (27.1%) and 3-bit per-token massive (27.8%); 3-bit turboquant
+    # (31.6%, boundary layers exact) against 4-bit KIVI (31.2%); 3-bit rht (21.9%) has nothing within 2%
+    assert sorted(pairs) == sorted([("kv4-rht-none", "kv3-channel-none"), ("kv4-rht-none", "kv3-token-massive"),
+                                    ("kv3-turboquant-none", "kv4-channel-none")])
+
+
+def test_a_rerun_keeps_the_earlier_command(tmp_path, monkeypatch):
+    """A directory from before the command list: its one saved command is kept ahead of the new one."""
+    (tmp_path / "meta.json").write_text('{"arms": ["fp"], "tasks": "contextual", "limit": 12, "group_size": 32, '
+                                        '"residual": 0, "sink": 0, "command": "python evals/kv.py old"}')
+
+    def stop(*a, **k):
+        raise RuntimeError("model not loaded in this test")
+    monkeypatch.setattr(kv, "load_model", stop)
+    with pytest.raises(RuntimeError, match="not loaded"):
+        kv.main(["--output-dir", str(tmp_path), "--tasks", "contextual", "--limit", "12", "--residual", "0",
+                 "--calibration", "x.json", "--arms", "fp"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    new = ("python evals/kv.py --output-dir " + str(tmp_path) + " --tasks contextual --limit 12 --residual 0 "
+           "--calibration x.json --arms fp")
+    assert meta["commands"] == ["python evals/kv.py old", new] and meta["command"] == new
+
+
+def test_rendered_equal_bytes_table_with_paired_perplexity():
+    groups = {"passkey_128": "contextual", "capitals": "parametric"}
+    c = lambda r: {"bytes_per_token": 100 * r, "ratio": r, "protected_k_channels": 0, "protected_share": 0.0}  # noqa: E731
+    results = {"fp": _result({"passkey_128": [1, 1, 1, 1], "capitals": [1, 1, 1, 1]}, groups),
+               "kv3-channel-none": _result({"passkey_128": [0, 0, 1, 1], "capitals": [1, 1, 1, 1]}, groups, c(0.27)),
+               "kv4-rht-none": _result({"passkey_128": [1, 0, 1, 1], "capitals": [1, 1, 1, 1]}, groups, c(0.28))}
+    ppl = {"fp": {"nll": [2.0, 3.0]}, "kv3-channel-none": {"nll": [2.2, 3.2]}, "kv4-rht-none": {"nll": [2.1, 3.1]}}
+    md = kv.render(results, {"arms": list(results), "model": "m", "command": "c", "limit": 4, "group_size": 32,
+                             "residual": 0, "sink": 0, "ppl_seq_len": 512}, None, ppl)
+    # +1 of 4 passkey items = +25.0 ± 25.0; nll 0.1 lower on both windows: exp(-0.1) - 1 = -9.5%, se 0
+    assert "| kv4-rht-none − kv3-channel-none | 28.0 vs 27.0 | +25.0 ± 25.0 | +0.0 ± 0.0 | +25.0 ± 25.0 | " \
+           "+0.0 ± 0.0 | -9.5% ± 0.0 |" in md
+
+
+def test_group_contrasts_leave_out_the_tasks_the_group_leaves_out():
+    """A task near chance at full precision (gemma3-270m's passkey_128) is out of the group mean, so it is
+    out of the group's paired contrast too."""
+    groups = {"passkey_128": "contextual", "passkey_256": "contextual", "capitals": "parametric"}
+    results = {"fp": _result({"passkey_128": [0, 0], "passkey_256": [1, 1], "capitals": [1, 1]}, groups),
+               "kv3-token-none": _result({"passkey_128": [1, 1], "passkey_256": [0, 1], "capitals": [1, 1]}, groups,
+                                         {"bytes_per_token": 1.0, "ratio": 0.25, "protected_k_channels": 0,
+                                          "protected_share": 0.0})}
+    for r in results.values():
+        r["groups"]["contextual"]["tasks"] = ["passkey_256"]
+    md = kv.render(results, {"arms": list(results), "model": "m", "command": "c", "limit": 2, "group_size": 32,
+                             "residual": 0, "sink": 0})
+    # passkey_256 alone: -50.0 ± 50.0 (with passkey_128's +100 the mean would be +25.0)
+    assert "| kv3-token-none − fp | +100.0 ± 0.0 | -50.0 ± 50.0 | +0.0 ± 0.0 | -50.0 ± 50.0 | +0.0 ± 0.0 |" in md
+
+
+def test_render_adds_no_arm_names(tmp_path):
+    (tmp_path / "meta.json").write_text('{"arms": ["fp"], "tasks": "contextual", "limit": 12, "group_size": 32, '
+                                        '"residual": 0, "sink": 0}')
+    assert kv.main(["--output-dir", str(tmp_path), "--calibration", "x.json", "--render"]) == 0
+    assert json.loads((tmp_path / "meta.json").read_text())["arms"] == ["fp"]
