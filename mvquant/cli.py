@@ -57,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str], interrupted: list) -> int:
     prog = "mvquant" + next((f" {a}" for a in argv if a in VERBS), "")
     try:  # building the parser imports the verbs (torch: a second); Ctrl-C there is one line too
-        args = build_parser().parse_args(argv)
-        if interrupted:  # a library's bare `except:` swallowed the KeyboardInterrupt during its import
+        # Ctrl-C is only recorded while the verbs are imported: a KeyboardInterrupt raised inside torch's
+        # C++ import code aborts the process ("terminate called ... pybind11::error_already_set")
+        with _deferred_sigint(interrupted):
+            parser = build_parser()
+        if interrupted:  # recorded during the imports (or swallowed by a library's bare `except:`)
             raise KeyboardInterrupt
+        args = parser.parse_args(argv)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -102,6 +106,19 @@ def _record_sigint():
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _deferred_sigint(seen: list):
+    """Inside _record_sigint: Ctrl-C appended to `seen` without raising (the caller raises after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
