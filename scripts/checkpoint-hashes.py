@@ -2,7 +2,7 @@
 tiny random models (5 architectures x RTN/GPTQ/AWQ/SmoothQuant x protect none/massive).
 
     python scripts/checkpoint-hashes.py > new.json                     # from the repository root
-    git worktree add /tmp/old COMMIT && (cd /tmp/old && PYTHONPATH=/tmp/old python scripts/checkpoint-hashes.py) > old.json
+    git worktree add /tmp/old COMMIT && (cd /tmp/old && PYTHONPATH=/tmp/old python "$OLDPWD/scripts/checkpoint-hashes.py") > old.json
     diff old.json new.json
 """
 import hashlib, json, sys, tempfile, warnings
