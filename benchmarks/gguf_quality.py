@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from mvquant.calibration import data as D  # noqa: E402
+from mvquant.evaluation.perplexity import perplexity_summary  # noqa: E402
 from mvquant.evaluation.llamacpp import LlamaCpp, venv_tool  # noqa: E402
 from mvquant.export.gguf_export import adapter_path, export_gguf, llamacpp_dir  # noqa: E402
 from mvquant.models.builtin import builtin_model_dir  # noqa: E402
@@ -61,9 +62,9 @@ def nll_summary(nll: list[float]) -> dict:
 
 def paired(a: list[list[float]], b: list[list[float]]) -> dict:
     """Per-window mean NLL of a minus b: mean, se over windows, 95% interval (negative: a is better)."""
-    d = [statistics.fmean(x) - statistics.fmean(y) for x, y in zip(a, b)]
-    m, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
-    return {"diff": m, "se": se, "ci95": [m - Z95 * se, m + Z95 * se], "windows": len(d)}
+    p = perplexity_summary([statistics.fmean(x) for x in a], [statistics.fmean(y) for y in b])
+    m, se = p["delta_nll"], p["delta_nll_se"]
+    return {"diff": m, "se": se, "ci95": [m - Z95 * se, m + Z95 * se], "windows": p["windows"]}
 
 
 def llamacpp_files(work: Path, calibration_text: Path, threads: int) -> dict[str, Path]:

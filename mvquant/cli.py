@@ -92,6 +92,19 @@ def _main(argv: list[str], interrupted: list) -> int:
 
 
 @contextlib.contextmanager
+def _on_sigint(handler):
+    """SIGINT handled by `handler` inside the block (signals reach only the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def _record_sigint():
     """Python's own Ctrl-C behaviour (KeyboardInterrupt), and a record that it happened."""
     seen: list = []
@@ -100,27 +113,13 @@ def _record_sigint():
         seen.append(signum)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is not threading.main_thread():
+    with _on_sigint(on_sigint):
         yield seen
-        return
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield seen
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
-@contextlib.contextmanager
 def _deferred_sigint(seen: list):
     """Inside _record_sigint: Ctrl-C appended to `seen` without raising (the caller raises after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return _on_sigint(lambda signum, frame: seen.append(signum))
 
 
 def quiet_libraries() -> None:

@@ -79,17 +79,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
                 s, off = k_scale[:, grp], k_offset[:, grp]
                 q = q4k.round_codes(w1[:, i], s, off)
                 deq = s * q - off
-                codes[:, col] = q.to(torch.uint8)
-                e = (w1[:, i] - deq) / h1[i, i]
-                w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
-                err1[:, i] = e
-                continue
-            s = scale[:, grp].float()
-            if zero is None:
+            elif zero is None:
+                s = scale[:, grp].float()
                 q = (torch.round(w1[:, i] / s) + (1 << (bits - 1))).clamp(1, qmax)
                 deq = (q - (1 << (bits - 1))) * s
             else:
-                z = zero[:, grp].float()
+                s, z = scale[:, grp].float(), zero[:, grp].float()
                 q = (torch.round(w1[:, i] / s) + z).clamp(0, qmax)
                 deq = (q - z) * s
             codes[:, col] = q.to(torch.uint8)

@@ -13,7 +13,6 @@ from typing import NamedTuple
 import torch
 
 from . import core, q4k
-from .config import GRIDS  # noqa: F401  (the names, checked by QuantConfig)
 
 FALLBACK_BITS = 5                 # Q4_K's fallback in llama-quantize: Q5_0
 

@@ -80,6 +80,7 @@ def build_empty_modules(model, qc: dict) -> None:
     from .config import QuantConfig
     from .linear import QuantLinear
 
+    config = QuantConfig.from_dict(qc)
     scaled = qc.get("input_scale_modules")
     scaled = set(scaled) if scaled is not None else None  # older checkpoints: by method
     for name, n_protected in (qc.get("modules") or {}).items():
@@ -89,7 +90,7 @@ def build_empty_modules(model, qc: dict) -> None:
             continue
         w = linear_weight(old)
         device = w.device
-        f = linear_format(QuantConfig.from_dict(qc), w.shape[1])
+        f = linear_format(config, w.shape[1])
         new = QuantLinear(w.shape[1], w.shape[0], bits=f.bits, group_size=f.group_size,
                           symmetric=f.symmetric, n_protected=int(n_protected),
                           bias=getattr(old, "bias", None) is not None, input_scale=input_scale,
