@@ -37,7 +37,7 @@ from mvquant.calibration import data as D  # noqa: E402
 from mvquant.evaluation.llamacpp import LlamaCpp, venv_tool  # noqa: E402
 from mvquant.export.gguf_export import adapter_path, export_gguf, llamacpp_dir  # noqa: E402
 from mvquant.models.builtin import builtin_model_dir  # noqa: E402
-from mvquant.quantization.api import quantized_modules  # noqa: E402
+from mvquant.quantization import quantized_modules  # noqa: E402
 
 LOCK = "/tmp/mvquant-bench.lock"
 

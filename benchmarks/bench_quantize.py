@@ -21,7 +21,8 @@ import torch
 
 import mvquant
 from mvquant.calibration import data as D
-from mvquant.quantization import QuantConfig, quantize
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig
 
 
 def decode_tokens_per_s(model, ids, new_tokens: int, repeats: int) -> float:

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     import mvquant
     from mvquant.calibration import data as D
     from mvquant.models.builtin import builtin_model_dir
-    from mvquant.quantization import QuantConfig, quantize
+    from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig
 
     torch.set_num_threads(args.threads)
     tok = mvquant.load_model()[1] if args.skip_fp32 else None
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
                           gptq_act_order=arm.endswith("actorder"), calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len)
         t = time.perf_counter()
-        quantize(model, cfg, calibration=calib, tokenizer=tok, progress=False)
+        quantize(model, cfg, calibration_data=calib, tokenizer=tok, progress=False)
         rows[arm] = {"nll": token_nll(model, windows), "seconds": time.perf_counter() - t}
         _progress(arm, rows[arm], args.save, rows, settings)
         del model

@@ -69,7 +69,7 @@ def main() -> int:
     from safetensors import safe_open
 
     import mvquant
-    from mvquant.quantization.api import quantized_modules
+    from mvquant.quantization import quantized_modules
 
     dest = Path(tempfile.mkdtemp()) / "served.safetensors"
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}

@@ -67,7 +67,7 @@ def main() -> int:
     from safetensors import safe_open
 
     import mvquant
-    from mvquant.quantization.api import quantized_modules
+    from mvquant.quantization import quantized_modules
     from mvquant.serving.server import serve_env
 
     items = passkey_items(a.limit)

@@ -32,8 +32,9 @@ from mvquant.evaluation import stats as S
 from mvquant.evaluation.runner import evaluate
 from mvquant.io import atomic_write_json, atomic_write_text
 from mvquant.models import get_layout
-from mvquant.quantization import QuantConfig, QuantLinear, quantize
-from mvquant.quantization.protect import protected_rows
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig, QuantLinear
+from mvquant.calibration.selection import protected_rows
 
 VARIANTS = [("awq-w3", None, ""), ("massive-qk", "massive", "qk"), ("massive-q", "massive", "q"),
             ("massive-k", "massive", "k"), ("random-qk", "random", "qk"), ("random-q", "random", "q"),
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     print(f"AWQ w3: {time.perf_counter() - t0:.0f} s", flush=True)
     s_none = [b / a for b, a in zip(norms_before, input_norms(model, layout))]
     folded = {n: w * s_none[int(n.split(".layers.")[1].split(".")[0])][None, :] for n, w in original.items()}
-    selections = {policy: protected_rows(model, layout, QuantConfig(protect=policy, seed=0), report)
+    selections = {policy: protected_rows(model, layout, report, policy, seed=0)
                   for policy in ("massive", "random")}
 
     results = {}

@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _PUBLIC = {
     "calibrate": ".calibration", "load_report": ".calibration", "CalibrationReport": ".calibration",
-    "load_model": ".models", "get_layout": ".models",
+    "load_model": ".loading", "get_layout": ".models",
     "evaluate": ".evaluation", "disrupt": ".evaluation",
     "load": ".checkpoint", "save_quantized": ".checkpoint",   # quantization and checkpoints
-    "quantize": ".quantization", "QuantConfig": ".quantization",
+    "quantize": ".pipeline", "QuantConfig": ".quantization",
     "compare": ".compare",                                     # the experiment runner
     "kv_cache": ".kvcache", "KVConfig": ".kvcache",            # KV cache that keeps the massive K channels
 }
@@ -51,7 +51,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 def _register_with_transformers() -> None:
-    from .quantization import hf  # noqa: F401  (registers quant_method "mvquant" on import)
+    from .checkpoint import hf  # noqa: F401  (registers quant_method "mvquant" on import)
 
 
 def _after_import(module_name: str, callback) -> None:

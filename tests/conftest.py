@@ -61,7 +61,7 @@ def tiny_arch(request):
 @pytest.fixture(scope="session")
 def builtin_model():
     """SmolLM2-135M-Instruct (float32), loaded once per test session."""
-    from mvquant.models import load_model
+    from mvquant.loading import load_model
     return load_model("smollm2-135m")
 
 

@@ -8,8 +8,9 @@ from conftest import ToyTokenizer, make_tiny_model
 
 import mvquant
 from mvquant.models import get_layout
-from mvquant.quantization import QuantConfig, quantize
-from mvquant.quantization.protect import protected_rows
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig
+from mvquant.calibration.selection import protected_rows
 
 spec = importlib.util.spec_from_file_location("awq_rows", Path(__file__).parents[1] / "evals" / "awq_rows.py")
 awq_rows = importlib.util.module_from_spec(spec)
@@ -23,12 +24,12 @@ def test_exact_rows_after_awq_are_the_folded_weights_and_nothing_else_moves():
     original = {n: m.weight.detach().float().clone() for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj"))}
     before = awq_rows.input_norms(model, layout)
     calib = [torch.randint(2, 120, (32,)).tolist() for _ in range(4)]
-    quantize(model, QuantConfig(method="awq", bits=3, group_size=32, protect="none"), calibration=calib,
+    quantize(model, QuantConfig(method="awq", bits=3, group_size=32, protect="none"), calibration_data=calib,
              tokenizer=ToyTokenizer(), progress=False)
     s = [b / a for b, a in zip(before, awq_rows.input_norms(model, layout))]
     assert any(float((x - 1).abs().max()) > 1e-3 for x in s)          # AWQ did scale the q/k/v input
     folded = {n: w * s[int(n.split(".layers.")[1].split(".")[0])][None, :] for n, w in original.items()}
-    rows = protected_rows(model, layout, QuantConfig(protect="massive"), report)
+    rows = protected_rows(model, layout, report, "massive")
     name = next(n for n in rows if n.endswith("q_proj"))
     q = model.get_submodule(name)
     # the quantized rows approximate the folded weight (the fold was recovered correctly)
@@ -52,7 +53,7 @@ def test_quantize_warns_where_protection_was_measured_to_hurt(tmp_path, capsys):
     from conftest import save_tiny_model
 
     from mvquant.cli import main
-    from mvquant.quantization.guidance import HURT, protection_warning
+    from mvquant.pipeline.guidance import HURT, protection_warning
     assert protection_warning("awq", 3, "massive").startswith("--protect massive with --method awq --bits 3 was "
                                                               "measured to cost contextual skill: -20.0 [-23.4, -16.6]")
     assert protection_warning("awq", 3, "none") is None and protection_warning("rtn", 3, "massive") is None

@@ -32,7 +32,7 @@ def _no_load(monkeypatch):
     """The checks under test must fire before any model loads."""
     def fail(*a, **k):
         raise AssertionError("the model was loaded before the bad input was refused")
-    monkeypatch.setattr("mvquant.models.load_model", fail)
+    monkeypatch.setattr("mvquant.loading.load_model", fail)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_report_of_another_model_refused_before_loading(tiny, tmp_path, capsys, 
 
 
 def test_internal_error_is_one_line_with_debug_hint(monkeypatch, capsys, tmp_path):
-    import mvquant.calibration.cli as calibrate_cli
+    import mvquant.cli.calibrate as calibrate_cli
 
     def boom(args):
         raise ValueError("something\nunexpected")
@@ -297,7 +297,8 @@ def test_protect_massive_without_rope_warns(tmp_path, capsys):
 
 
 def test_checkpoints_are_byte_identical_and_keep_the_umask(tmp_path):
-    from mvquant.quantization import QuantConfig, quantize
+    from mvquant.pipeline import quantize
+    from mvquant.quantization import QuantConfig
 
     old = os.umask(0o022)
     try:

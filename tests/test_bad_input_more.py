@@ -40,7 +40,8 @@ def ck(tmp_path_factory):
     """A protected tiny llama checkpoint and its three exports (fp16 rows for the plugin, dense fp16 q/k/v,
     and rows as a LoRA)."""
     from mvquant.export import export_compressed_tensors
-    from mvquant.quantization import QuantConfig, quantize
+    from mvquant.pipeline import quantize
+    from mvquant.quantization import QuantConfig
 
     root = tmp_path_factory.mktemp("ck")
     model = make_tiny_model("llama")
@@ -56,7 +57,7 @@ def ck(tmp_path_factory):
 # -- wrong or missing results ----------------------------------------------------------------------
 @pytest.mark.parametrize("protect_as", ["rows", "fp16", "lora"])
 def test_export_loads_in_process_like_the_checkpoint(ck, protect_as):
-    from mvquant.quantization.api import quantized_modules
+    from mvquant.quantization import quantized_modules
 
     ref = mvquant.load(ck / "ck")
     for q in quantized_modules(ref).values():   # the exact float path
@@ -298,7 +299,7 @@ def test_unknown_model_hub_unreachable_is_one_line(tmp_path, capsys, monkeypatch
 
     def unreachable(*a, **k):
         raise OSError("Name or service not known")
-    monkeypatch.setattr("mvquant.models.loading.socket.create_connection", unreachable)
+    monkeypatch.setattr("mvquant.models.sources.socket.create_connection", unreachable)
     recipe = _recipe(tmp_path / "r.yaml")
     for argv in (["compare", "--recipe", str(recipe), "--output", str(tmp_path / "cmp")],
                  ["calibrate", "no-such-model", "--output", str(tmp_path / "r.json")]):
@@ -358,7 +359,7 @@ def test_import_is_light_and_still_registers_with_transformers(ck):
     assert out.stdout.strip() == "[]", out.stderr      # `mvquant --help` imports none of these
     out = _python("import mvquant; from transformers.quantizers import auto; import mvquant.compare.engine; "
                   "print('mvquant' in auto.AUTO_QUANTIZER_MAPPING, callable(mvquant.compare), mvquant.load.__module__)")
-    assert out.stdout.split() == ["True", "True", "mvquant.checkpoint"], out.stderr
+    assert out.stdout.split() == ["True", "True", "mvquant.checkpoint.format"], out.stderr
     out = _python("import mvquant; from transformers import AutoModelForCausalLM; "   # DESIGN.md's promise
                   f"m = AutoModelForCausalLM.from_pretrained({str(ck / 'ck')!r}); "
                   "print(type(m.model.layers[0].self_attn.q_proj).__name__)")

@@ -79,7 +79,7 @@ def test_report_round_trip_and_model_check(tmp_path):
 def test_offloaded_model_gives_the_same_statistics(tiny_model_dir, tmp_path):
     """A model larger than memory runs layer by layer with accelerate offload; the hooks still see q/k/v."""
     from transformers import AutoModelForCausalLM
-    from mvquant.models import load_model
+    from mvquant.loading import load_model
     d = tiny_model_dir("qwen2")
     plain, tok = load_model(d)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",

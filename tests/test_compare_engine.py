@@ -211,7 +211,7 @@ def test_bad_task_runner_result_is_a_clear_error(tmp_path):
 
 
 def test_a_new_method_revision_recomputes_only_that_methods_arms(tmp_path):
-    """The arm runner's cache id may depend on the arm (the real one keys on METHOD_REVISION):
+    """The arm runner's cache id may depend on the arm (the real one keys on the method's declared revision):
     bumping the RTN revision recomputes the RTN arms and keeps the unquantized arm's cells."""
     run(tmp_path)
     recipe = parse_recipe(recipe_data(), catalog=CATALOG)
@@ -229,11 +229,11 @@ def test_a_new_method_revision_recomputes_only_that_methods_arms(tmp_path):
 
 def test_real_arm_runner_keys_on_the_method_revision():
     from mvquant.compare.runners import ModelArmRunner
-    from mvquant.quantization.config import METHOD_REVISION
+    from mvquant.quantization.registry import METHODS
     recipe = parse_recipe(recipe_data(), catalog=CATALOG)
     ids = {a.name: ModelArmRunner.cache_id(a) for a in recipe.arms}
-    assert ids == {"fp": "mvquant", "rtn-w4": f"mvquant/rtn-r{METHOD_REVISION['rtn']}",
-                   "mv-w3": f"mvquant/rtn-r{METHOD_REVISION['rtn']}"}
+    assert ids == {"fp": "mvquant", "rtn-w4": f"mvquant/rtn-r{METHODS['rtn'].revision}",
+                   "mv-w3": f"mvquant/rtn-r{METHODS['rtn'].revision}"}
 
 
 def test_tasks_near_chance_on_the_recipes_model_stay_in_results_but_leave_group_means(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ import torch
 
 from conftest import TINY_CONFIGS
 from mvquant.compare import compare, parse_recipe
-from mvquant.compare.runners import EvalTaskRunner, ModelArmRunner, default_catalog
+from mvquant.compare.recipe import default_catalog
+from mvquant.compare.runners import EvalTaskRunner, ModelArmRunner
 
 TASKS = ["capitals", "passkey_128"]
 LIMIT = 3

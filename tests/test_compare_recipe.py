@@ -71,7 +71,7 @@ def test_per_task_limits():
     ({"arms": [{"name": "x", "method": "bnb-int8", "protect": "massive"}]}, "cannot protect dims"),
     ({"arms": [{"name": "x", "method": "none", "disrupt": "all"}]}, "unknown disrupt 'all': use one of none, massive, non-massive"),
     ({"arms": [{"name": "x", "method": "rtn", "bits": 4, "groupsize": 64}]}, "unknown key 'groupsize' in arms\\[0\\]: allowed keys are name, method, bits, group_size"),
-    ({"arms": [{"name": "x", "method": "rtn", "bits": 4, "group_size": 96}]}, "power of two"),
+    ({"arms": [{"name": "x", "method": "rtn", "bits": 4, "group_size": 0}]}, "group_size must be an integer >= 1"),
     ({"arms": [{"name": "x"}, {"name": "x"}]}, "repeated: x"),
     ({"arms": [{"method": "rtn"}]}, "needs a 'name'"),
     ({"arms": []}, "non-empty list of arms"),
@@ -132,9 +132,10 @@ def test_arm_keys_change_only_with_what_the_arm_depends_on():
 
 def test_group_size_defaults_and_per_row():
     r = parse_recipe(base(defaults={}, quick={}, arms=[{"name": "a", "method": "gptq", "bits": 4},
-                                                       {"name": "b", "method": "awq", "bits": 4, "group_size": -1}]),
+                                                       {"name": "b", "method": "awq", "bits": 4, "group_size": -1},
+                                                       {"name": "c", "method": "rtn", "bits": 4, "group_size": 96}]),
                      catalog=CATALOG)
-    assert [a.group_size for a in r.arms] == [128, -1]
+    assert [a.group_size for a in r.arms] == [128, -1, 96]   # QuantConfig's rule: any positive size (or -1)
     with pytest.raises(MvquantError, match="'options' configure a quantizer"):
         parse_recipe(base(quick={}, arms=[{"name": "a", "method": "none", "options": {"alpha": 0.5}}]),
                      catalog=CATALOG)

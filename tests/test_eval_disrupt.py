@@ -7,7 +7,8 @@ import torch
 from conftest import ROPE_ARCHS, make_tiny_model
 from mvquant.calibration.calibrate import qkv_hooks
 from mvquant.errors import MvquantError
-from mvquant.evaluation.disruption import Disruption, disrupt, mean_replace_, select_dims
+from mvquant.calibration.selection import disruption_dims as select_dims
+from mvquant.evaluation.disruption import Disruption, disrupt, mean_replace_
 from mvquant.models import get_layout
 
 

@@ -13,8 +13,9 @@ from mvquant.cli import main
 from mvquant.errors import MvquantError
 from mvquant.export import ENGINE_RANKS, export_compressed_tensors, padded_rank, selector_and_delta
 from mvquant.export.compressed import check_exportable
-from mvquant.quantization import QuantConfig, QuantLinear, quantize
-from mvquant.quantization.api import quantized_modules
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig, QuantLinear
+from mvquant.quantization import quantized_modules
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 120, 64, 33, 2, 90, 11, 60]])
 ARCHS = ["llama", "phi3", "gpt_neox"]

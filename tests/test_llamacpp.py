@@ -40,7 +40,7 @@ def _dense_copy(ck, out):
     """mvquant's effective weights (QuantLinear.dequantized_weight) as a plain fp32 transformers model."""
     import mvquant
     from transformers import AutoConfig, AutoModelForCausalLM
-    from mvquant.quantization.api import quantized_modules
+    from mvquant.quantization import quantized_modules
 
     model, tok = mvquant.load(ck, return_tokenizer=True)
     cfg = AutoConfig.from_pretrained(ck)
@@ -66,7 +66,7 @@ def test_llamacpp_runs_the_export(tmp_path):
     import mvquant
     from mvquant.cli import main
     from mvquant.evaluation.llamacpp import LlamaCpp
-    from mvquant.quantization.api import quantized_modules
+    from mvquant.quantization import quantized_modules
 
     _, src = _env_or_skip()
     ck = tmp_path / "ck"
@@ -129,7 +129,7 @@ def test_q4k_rounding_matches_ggml(tmp_path):
     (ggml_quantize_chunk without an importance matrix, what llama-quantize runs) on a real weight of the
     built-in model: the blocks are byte-identical except where float summation order flips a near tie."""
     python, _ = _env_or_skip()
-    from mvquant.models import load_model
+    from mvquant.loading import load_model
     from mvquant.quantization import q4k
 
     model, _ = load_model("smollm2-135m")

@@ -11,8 +11,10 @@ from conftest import TINY_CONFIGS, make_tiny_model, make_tiny_tokenizer
 import mvquant
 from mvquant.cli import main
 from mvquant.errors import MvquantError
-from mvquant.quantization import QuantConfig, QuantLinear, quantize, quantized_modules
-from mvquant.quantization import layer as L
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig, QuantLinear, quantized_modules
+from mvquant.quantization import methods
+from mvquant.quantization.methods import gptq as gptq_method, rtn as rtn_method
 
 TEXT_SEQS = [[2 + (7 * i + 3 * j) % 90 for j in range(40)] for i in range(6)]  # token windows, vocab-safe
 
@@ -28,6 +30,11 @@ def _gemma3_mixed():
     return AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **cfg)).float().eval()
 
 
+def _patch_layer(monkeypatch, method, fn):
+    """Stand `fn` in for the method's quantize_layer (the module its registry entry names)."""
+    monkeypatch.setattr(methods.layer_function(method).__module__ + ".quantize_layer", fn)
+
+
 def _record_runs(monkeypatch, method):
     """Replace the method by one that records each layer's inputs and ctx.run() outputs, quantizing nothing
     (so every layer's inputs are the float model's)."""
@@ -36,7 +43,7 @@ def _record_runs(monkeypatch, method):
     def spy(ctx):
         seen.append({"index": ctx.index, "inputs": [h.clone() for h, _ in ctx.inputs],
                      "kwargs": [kw for _, kw in ctx.inputs], "outputs": ctx.run()})
-    monkeypatch.setitem(L.LAYER_METHODS, method, spy)
+    _patch_layer(monkeypatch, method, spy)
     return seen
 
 
@@ -48,7 +55,7 @@ def test_captured_inputs_reproduce_the_models_own_hidden_states(arch, monkeypatc
     with torch.no_grad():
         ref = model(input_ids=ids, output_hidden_states=True).hidden_states
     seen = _record_runs(monkeypatch, "smoothquant")  # a method that calibrates: inputs are captured
-    quantize(model, QuantConfig(method="smoothquant", bits=8), calibration=TEXT_SEQS[:4], progress=False)
+    quantize(model, QuantConfig(method="smoothquant", bits=8), calibration_data=TEXT_SEQS[:4], progress=False)
     assert [s["index"] for s in seen] == list(range(len(ref) - 1))
     # each layer's captured inputs and LayerContext.run() outputs are the model's own hidden states
     for s in seen:
@@ -68,14 +75,14 @@ def test_gptq_layer_inputs_come_from_the_quantized_layers(monkeypatch):
     with torch.no_grad():
         ref = model(input_ids=ids, output_hidden_states=True).hidden_states
     seen = []
-    real = L.LAYER_METHODS["gptq"]
+    real = gptq_method.quantize_layer
 
     def spy(ctx):
         seen.append([h.clone() for h, _ in ctx.inputs])
         real(ctx)
         seen[-1] = (seen[-1], ctx.run())  # outputs of the quantized layer
-    monkeypatch.setitem(L.LAYER_METHODS, "gptq", spy)
-    quantize(model, QuantConfig(method="gptq", bits=3, group_size=16), calibration=TEXT_SEQS[:4], progress=False)
+    _patch_layer(monkeypatch, "gptq", spy)
+    quantize(model, QuantConfig(method="gptq", bits=3, group_size=16), calibration_data=TEXT_SEQS[:4], progress=False)
     torch.testing.assert_close(seen[0][0][0], ref[0])
     diff = (seen[1][0][0] - ref[1]).norm() / ref[1].norm()
     assert 1e-4 < float(diff) < 0.5                          # quantized, not the float model's activations
@@ -104,10 +111,10 @@ def test_cholesky_failure_falls_back_with_warnings():
     w = torch.randn(6, 4)
     h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.3]))  # not PD at 1% or 10% damping, PD at 100%
     with pytest.warns(UserWarning, match="retrying") as rec:
-        out = L.gptq_with_fallback(w, h, config, "x")
+        out = gptq_method.gptq_with_fallback(w, h, config, "x")
     assert out is not None and len([r for r in rec if "retrying" in str(r.message)]) == 2
     with pytest.warns(UserWarning, match="round-to-nearest"):
-        assert L.gptq_with_fallback(w, -torch.eye(4), config, "x") is None
+        assert gptq_method.gptq_with_fallback(w, -torch.eye(4), config, "x") is None
 
 
 def test_moe_router_is_not_quantized():
@@ -115,7 +122,7 @@ def test_moe_router_is_not_quantized():
     model.config.num_experts = 4
     model.model.layers[0].mlp.gate = torch.nn.Linear(64, 4)          # a router: one output per expert
     model.model.layers[0].mlp.expert_proj = torch.nn.Linear(64, 4)   # same shape, not a router name
-    from mvquant.quantization.api import target_linears
+    from mvquant.pipeline.quantize import target_linears
     names = set(target_linears(model, QuantConfig()))
     assert "model.layers.0.mlp.expert_proj" in names and "model.layers.0.mlp.gate" not in names
 
@@ -142,7 +149,7 @@ def test_quantlinear_to_meta_and_back():
 def test_device_cuda_without_a_gpu_is_a_clear_error(capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    from mvquant.pipeline.stream import compute_device
+    from mvquant.models.device import compute_device
     with pytest.raises(MvquantError, match="no CUDA GPU"):
         compute_device("cuda")
     assert main(["quantize", "--device", "cuda", "--output", str(tmp_path / "x")]) == 2
@@ -234,8 +241,9 @@ def test_interrupted_streaming_run_leaves_nothing(sharded_dir, tmp_path, monkeyp
         calls.append(ctx.index)
         if ctx.index == 1:
             raise KeyboardInterrupt
-        L.rtn_layer(ctx)
-    monkeypatch.setitem(L.LAYER_METHODS, "rtn", interrupt)
+        real(ctx)
+    real = rtn_method.quantize_layer
+    _patch_layer(monkeypatch, "rtn", interrupt)
     assert main(["quantize", str(sharded_dir), "--quiet", "--output", str(tmp_path / "ck")]) == 130
     assert calls == [0, 1]
     assert os.listdir(tmp_path) == []  # no checkpoint, no temporary directory
@@ -248,7 +256,7 @@ def test_not_enough_disk_is_refused_before_work(sharded_dir, tmp_path, monkeypat
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
-    monkeypatch.setitem(L.LAYER_METHODS, "rtn", lambda ctx: pytest.fail("work started"))
+    _patch_layer(monkeypatch, "rtn", lambda ctx: pytest.fail("work started"))
     assert main(["quantize", str(sharded_dir), "--quiet", "--output", str(tmp_path / "ck")]) == 2
     assert "not enough free space" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
@@ -281,7 +289,7 @@ def test_streaming_keeps_no_finished_layer_in_memory(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conftest import TINY_CONFIGS
-    from mvquant.pipeline import sequential, stream
+    from mvquant.pipeline import quantize_to_checkpoint, sequential
     cfg = dict(TINY_CONFIGS["llama"])
     cfg.pop("model_type")
     cfg.update(num_hidden_layers=6, hidden_size=128, intermediate_size=256, bos_token_id=1, eos_token_id=1)
@@ -289,7 +297,7 @@ def test_streaming_keeps_no_finished_layer_in_memory(tmp_path, monkeypatch):
     AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).save_pretrained(tmp_path / "src")
     after_layer = []
     monkeypatch.setattr(sequential, "release_freed_memory", lambda: after_layer.append(_live_cpu_storages()))
-    stream.quantize_to_checkpoint(tmp_path / "src", QuantConfig(method="rtn", bits=4, group_size=32),
+    quantize_to_checkpoint(tmp_path / "src", QuantConfig(method="rtn", bits=4, group_size=32),
                                   tmp_path / "out", progress=False)
     assert len(after_layer) == 6
     first, last = after_layer[0], after_layer[-1]

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import mvquant
 from mvquant.errors import MvquantError
-from mvquant.quantization import QuantConfig, QuantLinear, quantize
+from mvquant.pipeline import quantize
+from mvquant.quantization import QuantConfig, QuantLinear
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 120, 64, 33, 2, 90]])
@@ -67,7 +68,7 @@ def test_fresh_process_loads_identical_logits(saved):
         exp = load_file({str(expected)!r})
         a = mvquant.load({str(ck)!r})
         b = transformers.AutoModelForCausalLM.from_pretrained({str(ck)!r})
-        m, tok = mvquant.models.load_model({str(ck)!r})
+        m, tok = mvquant.load_model({str(ck)!r})
         with torch.no_grad():
             for model in (a, b, m):
                 assert isinstance(model.model.layers[0].self_attn.q_proj, mvquant.quantization.QuantLinear)
@@ -137,7 +138,7 @@ def test_output_rules(saved, tmp_path):
 
 def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
     _, _, model = saved
-    import mvquant.checkpoint as C
+    import mvquant.checkpoint.format as C
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -71,7 +71,7 @@ def test_quantize_builtin_end_to_end(capsys, tmp_path, builtin_model):
     # bits per weight from the format alone: a packed row holds in/2 code bytes, an fp16 scale per group
     # of 64 and the groups' 4-bit zero points (packed 8 codes in 4 bytes); a protected row 2 bytes a
     # weight and an int32 index
-    from mvquant.quantization.api import quantized_modules
+    from mvquant.quantization import quantized_modules
     mods = quantized_modules(mvquant.load(out)).values()
 
     def packed_row(m):

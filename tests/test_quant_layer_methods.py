@@ -9,9 +9,11 @@ from conftest import TINY_CONFIGS, make_tiny_model
 from mvquant.models.adapters import get_layout
 from mvquant.pipeline.sequential import capture_layer_inputs, layer_linears
 from mvquant.quantization import QuantConfig, core
-from mvquant.quantization import awq, gptq
-from mvquant.quantization.layer import LayerContext, gptq_with_fallback, rtn_layer
-from mvquant.quantization.scaling import fold_into_prev, layer_groups, qk_row_mask, scale_linears
+from mvquant.quantization.methods import awq, gptq
+from mvquant.quantization.methods import LayerContext
+from mvquant.quantization.methods.gptq import gptq_with_fallback
+from mvquant.quantization.methods.rtn import quantize_layer as rtn_layer
+from mvquant.quantization.methods.scaling import fold_into_prev, layer_groups, scale_linears
 
 
 def _model(arch, **overrides):
@@ -117,7 +119,7 @@ def test_awq_keeps_protected_rows_exact_and_does_not_clip_qk():
     s = norm_w / ctx.layer.input_layernorm.weight.detach()  # the folded scale
     q = ctx.linears[qname]
     assert torch.allclose(q.protected_weight.float(), (w_q[[3, 17, 40]] * s).half().float(), rtol=1e-3, atol=1e-4)
-    assert qk_row_mask(ctx.layout, "self_attn.q_proj", 4).all() and not qk_row_mask(ctx.layout, "mlp.up_proj", 4).any()
+    assert ctx.layout.produces_qk("self_attn.q_proj") and not ctx.layout.produces_qk("mlp.up_proj")
 
 
 # -- GPTQ --------------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ def test_gptq_layer_true_sequential_sets_and_beats_rtn():
 # -- SmoothQuant ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt_neox"])
 def test_smoothquant_folds_into_norms_and_stays_close(arch):
-    from mvquant.quantization import smoothquant
+    from mvquant.quantization.methods import smoothquant
     model = _model(arch)
     ctx = _ctx(model, QuantConfig(method="smoothquant", bits=8))
     ref = ctx.run()
@@ -207,24 +209,25 @@ def test_smoothquant_folds_into_norms_and_stays_close(arch):
     assert rel < 1e-3, rel
 
 
-@pytest.mark.parametrize("method, impl", [("smoothquant", "mvquant.quantization.smoothquant"),
-                                          ("awq", "mvquant.quantization.awq"), ("gptq", "mvquant.quantization.gptq")])
+@pytest.mark.parametrize("method, impl", [("smoothquant", "mvquant.quantization.methods.smoothquant"),
+                                          ("awq", "mvquant.quantization.methods.awq"),
+                                          ("gptq", "mvquant.quantization.methods.gptq")])
 def test_methods_dispatch_to_their_layer_implementation(method, impl, monkeypatch):
-    """quantize(method=...) runs the method's own per-layer code (not the per-linear generic_layer)."""
+    """quantize(method=...) runs the layer function of the module the method's declaration names."""
     import importlib
 
-    from mvquant.quantization import layer as L
-    from mvquant.quantization import quantize
+    from mvquant.pipeline import quantize
+    from mvquant.quantization.registry import METHODS
+    assert METHODS[method].module == impl
     mod = importlib.import_module(impl)
     seen = []
     real = mod.quantize_layer
     monkeypatch.setattr(mod, "quantize_layer", lambda ctx: (seen.append(ctx.index), real(ctx))[1])
-    monkeypatch.setattr(L, "generic_layer", lambda ctx: pytest.fail("generic_layer ran"))
     model = _model("llama")
     norm = model.model.layers[0].input_layernorm.weight.clone()
     bits = 8 if method == "smoothquant" else 4
     quantize(model, QuantConfig(method=method, bits=bits, group_size=32), progress=False,
-             calibration=[[2 + (7 * i + 3 * j) % 90 for j in range(24)] for i in range(4)])
+             calibration_data=[[2 + (7 * i + 3 * j) % 90 for j in range(24)] for i in range(4)])
     assert seen == [0, 1]
     folds = method in ("smoothquant", "awq")  # scales folded into the norm, none divided at run time in q_proj
     new = model.model.layers[0].input_layernorm.weight  # stored fp16 (--store-dtype auto)

@@ -7,7 +7,7 @@ import mvquant
 from mvquant.errors import MvquantError
 from mvquant.models import get_layout
 from mvquant.quantization import QuantConfig
-from mvquant.quantization.protect import pair_units, protected_rows, select_dims
+from mvquant.calibration.selection import pair_units, protected_rows, select_dims
 
 
 def _report(model, top_k=1):
@@ -65,7 +65,7 @@ def test_protected_rows_map_to_projection_rows(arch):
     model = make_tiny_model(arch)
     layout = get_layout(model)
     report = _report(model)
-    rows = protected_rows(model, layout, QuantConfig(protect="massive"), report)
+    rows = protected_rows(model, layout, report, "massive")
     assert rows
     d = layout.head_dim
     for layer in range(layout.num_layers):
@@ -76,7 +76,7 @@ def test_protected_rows_map_to_projection_rows(arch):
                 for dim in dims:
                     assert layout.row_of(kind, head, dim) in rows[name].tolist()
     # random protects as many rows as massive, elsewhere
-    rnd = protected_rows(model, layout, QuantConfig(protect="random", seed=1), report)
+    rnd = protected_rows(model, layout, report, "random", seed=1)
     assert {n: len(r) for n, r in rnd.items()} == {n: len(r) for n, r in rows.items()}
     assert any(not torch.equal(rnd[n], rows[n]) for n in rows)
 
@@ -85,10 +85,10 @@ def test_policy_errors():
     model = make_tiny_model("llama")
     layout = get_layout(model)
     with pytest.raises(MvquantError, match="needs a calibration report"):
-        protected_rows(model, layout, QuantConfig(protect="massive"), None)
+        protected_rows(model, layout, None, "massive")
     other = _report(make_tiny_model("gemma"))  # 1 KV head vs 2
     with pytest.raises(MvquantError, match="does not match"):
-        protected_rows(model, layout, QuantConfig(protect="massive"), other)
+        mvquant.quantize(model, QuantConfig(protect="massive"), report=other, progress=False)
     for bad in ("topk:0", "topk:x", "all", ""):
         with pytest.raises(MvquantError, match="protection policy"):
             QuantConfig(protect=bad)
@@ -100,10 +100,12 @@ def test_quantize_keeps_protected_rows_exact(arch):
     layout = get_layout(model)
     report = _report(model)
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    rows = protected_rows(model, layout, QuantConfig(protect="massive"), report)
+    rows = protected_rows(model, layout, report, "massive")
     mvquant.quantize(model, QuantConfig(bits=2, group_size=16, protect="massive"), report=report, progress=False)
     for name, r in rows.items():
         q = model.get_submodule(name)
         assert torch.equal(q.protected_rows.long(), r)
         assert torch.equal(q.dequantized_weight()[r], original[name][r].half().float())
     assert model.mvquant_summary["protected_rows"] == sum(len(r) for r in rows.values())
+    by_kind = model.mvquant_summary["protected_rows_by_kind"]   # fused q/k/v projections (phi3, gpt_neox) too
+    assert by_kind["other"] == 0 and by_kind["q"] > 0 and by_kind["k"] > 0

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import mvquant
 from mvquant.export import export_compressed_tensors
 from mvquant.export.compressed import ROWS_KEY, ROWS_METHOD, from_compressed, weights_file
-from mvquant.quantization.api import quantized_modules
+from mvquant.quantization import quantized_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "mvquant-vllm"))
 from mvquant_vllm.rows import RowSlots, apply_delta, apply_rows, checkpoint_modules  # noqa: E402

@@ -107,7 +107,8 @@ def test_vllm_serves_the_export_like_mvquant(tmp_path, protect_as):
     import mvquant
     from mvquant.evaluation import evaluate
     from mvquant.export import export_compressed_tensors
-    from mvquant.quantization import QuantConfig, quantize
+    from mvquant.pipeline import quantize
+    from mvquant.quantization import QuantConfig
     from mvquant.serving import running_server
 
     model, tok = mvquant.load_model()

@@ -32,12 +32,11 @@ from pathlib import Path
 
 from ..errors import MvquantError
 from ..quantization import config as qconfig
+from ..quantization.registry import METHODS
 
-# The quantizer's rules (quantization/config.py), checked here too so that errors name the recipe key.
-# method -> the weight bit widths it supports ("none": no quantization, the model as loaded).
-METHOD_BITS: dict[str, tuple[int, ...] | None] = {"none": None, **qconfig.METHOD_BITS}
-GROUPED_METHODS = qconfig.GROUPED_METHODS
-PROTECTABLE_METHODS = qconfig.PROTECTABLE_METHODS
+# The quantizer's rules (the method declarations, quantization/registry.py), checked here so that errors
+# name the recipe key. Method "none": no quantization, the model as loaded.
+METHOD_NAMES = ("none", *METHODS)
 DISRUPTIONS = ("none", "massive", "non-massive")
 PROTECT_RE = re.compile(f"^({qconfig.PROTECT_PATTERN})$")
 PROTECT_ALLOWED = "massive | none | random | topk:N"
@@ -194,38 +193,36 @@ def _validate_arm(raw, defaults: dict, index: int, recipe_seed: int, where: str)
         raise MvquantError(f"{where}: arms[{index}] needs a 'name' of letters, digits and . _ + - (got {name!r})")
     at = f"{where}, arm '{name}'"
     method = a.get("method", "none")
-    if method not in METHOD_BITS:
-        raise MvquantError(f"{at}: unknown method {method!r}: use one of {', '.join(METHOD_BITS)}")
-    allowed_bits = METHOD_BITS[method]
+    if method not in METHOD_NAMES:
+        raise MvquantError(f"{at}: unknown method {method!r}: use one of {', '.join(METHOD_NAMES)}")
+    spec = METHODS.get(method)
     bits = a.get("bits")
-    if allowed_bits is None:
+    if spec is None:
         if bits is not None:
             raise MvquantError(f"{at}: method 'none' runs the model unquantized; remove 'bits' ({bits!r}) "
-                               f"or choose a method ({', '.join(m for m in METHOD_BITS if m != 'none')})")
+                               f"or choose a method ({', '.join(METHODS)})")
     else:
+        allowed_bits = spec.bits
         if bits is None and len(allowed_bits) == 1:
             bits = allowed_bits[0]
         if bits not in allowed_bits or isinstance(bits, bool):
             raise MvquantError(f"{at}: bits {bits!r} is not supported by {method}: use one of "
                                f"{', '.join(map(str, allowed_bits))}")
     group_size = a.get("group_size")
-    if method in GROUPED_METHODS:
+    if spec is not None and spec.grouped:
         if group_size is None:
             group_size = DEFAULT_GROUP_SIZE
         if group_size != -1:
-            group_size = _int(group_size, "group_size", at, minimum=1)
-            if group_size & (group_size - 1):
-                raise MvquantError(f"{at}: group_size must be a power of two (e.g. 64 or 128) or -1 (one group "
-                                   f"per row), got {group_size}")
+            group_size = _int(group_size, "group_size", at, minimum=1)   # QuantConfig's rule: positive or -1
     else:
         group_size = None  # not a knob of this method (a recipe-wide default may still name one)
     protect = str(a.get("protect", "none")).strip()
     if not PROTECT_RE.match(protect):
         raise MvquantError(f"{at}: unknown protect policy {protect!r}: use {PROTECT_ALLOWED}")
-    if protect != "none" and method not in PROTECTABLE_METHODS:
+    if protect != "none" and not (spec is not None and spec.protectable):
         if "protect" in raw:
             raise MvquantError(f"{at}: method {method!r} cannot protect dims: use protect: none, or one of "
-                               f"{', '.join(PROTECTABLE_METHODS)}")
+                               f"{', '.join(m.name for m in METHODS.values() if m.protectable)}")
         protect = "none"  # a recipe-wide default does not apply to this method
     disrupt = a.get("disrupt", "none")
     disrupt = "none" if disrupt in (None, False) else disrupt
@@ -242,8 +239,7 @@ def _validate_arm(raw, defaults: dict, index: int, recipe_seed: int, where: str)
     engine = a.get("engine", "transformers")
     if engine not in ENGINES:
         raise MvquantError(f"{at}: unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
-    if engine == "llamacpp" and (method in ("none", "smoothquant") or method.startswith("bnb-")
-                                 or disrupt != "none" or kv):
+    if engine == "llamacpp" and (spec is None or "q4_k" not in spec.grids or disrupt != "none" or kv):
         raise MvquantError(f"{at}: engine llamacpp scores the arm's GGUF export: it needs method rtn, awq or gptq, "
                            "without disrupt or kv_* (bash scripts/setup-llamacpp.sh once)")
     return Arm(name=name, method=method, bits=bits, group_size=group_size, protect=protect, disrupt=disrupt,
@@ -396,6 +392,12 @@ def _contrasts(raw, arms: list[Arm], all_names: list[str], where: str) -> list[t
     return pairs
 
 
+def default_catalog() -> dict[str, list[str]]:
+    """{group: [task, ...]} of the tasks mvquant's eval knows."""
+    from ..evaluation import tasks as T
+    return {group: T.group_tasks(group) for group in T.GROUPS}
+
+
 def load_recipe(path: str | os.PathLike, *, catalog: dict[str, list[str]] | None = None,
                 quick: bool = False) -> Recipe:
     """Read and validate a recipe file. `catalog` {group: [tasks]} defaults to mvquant's eval tasks."""
@@ -413,6 +415,5 @@ def load_recipe(path: str | os.PathLike, *, catalog: dict[str, list[str]] | None
         raise MvquantError(f"recipe '{path}' is not a text file (not UTF-8): give a YAML recipe such as "
                            "recipes/figure5.yaml") from None
     if catalog is None:
-        from .runners import default_catalog
         catalog = default_catalog()
     return parse_recipe(data, catalog=catalog, source=str(path), quick=quick)

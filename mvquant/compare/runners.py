@@ -13,19 +13,13 @@ from .engine import ArmContext, PreparedArm
 from .recipe import Arm
 
 
-def default_catalog() -> dict[str, list[str]]:
-    """{group: [task, ...]} of the tasks mvquant's eval knows."""
-    from ..evaluation import tasks as T
-    return {group: T.group_tasks(group) for group in T.GROUPS}
-
-
 def _is_quantized_linear(module) -> bool:
     return type(module).__name__ in ("QuantLinear", "Linear4bit", "Linear8bitLt")
 
 
 def unquantized_bytes(model) -> int:
     """Bytes of the parameters and buffers outside quantized linears (tied tensors counted once)."""
-    from ..quantization.api import unique_bytes
+    from ..quantization.summary import unique_bytes
     skip = {n for n, m in model.named_modules() if _is_quantized_linear(m)}
     return unique_bytes(t for name, t in [*model.named_parameters(), *model.named_buffers()]
                         if not any(name.startswith(q + ".") for q in skip))
@@ -54,14 +48,14 @@ class ModelArmRunner:
     @staticmethod
     def cache_id(arm) -> str:
         """Keys the arm's cache on the quantizer's revision: a new implementation recomputes."""
-        from ..quantization.config import METHOD_REVISION
-        rev = METHOD_REVISION.get(arm.method)
+        from ..quantization.registry import METHODS
+        rev = METHODS[arm.method].revision if arm.method in METHODS else None
         return "mvquant" if rev is None else f"mvquant/{arm.method}-r{rev}"
 
     def load_base(self, recipe):
         if self._load_model is not None:
             return self._load_model(recipe.model, recipe.dtype)
-        from ..models import load_model
+        from ..loading import load_model
         return load_model(recipe.model, dtype=recipe.dtype)
 
     def report(self, ctx: ArmContext, model=None, tokenizer=None):
@@ -108,7 +102,7 @@ class ModelArmRunner:
         """Up front: the model must exist and every quantized arm must make a valid QuantConfig
         (nothing runs, nothing is written otherwise)."""
         if self._load_model is None:
-            from ..models.loading import resolve_model_source
+            from ..models.sources import resolve_model_source
             resolve_model_source(recipe.model)  # a missing local path fails here, before compare.json
         for arm in recipe.arms:
             if arm.quantized:
@@ -141,7 +135,7 @@ class ModelArmRunner:
         if not arm.quantized:
             return PreparedArm(model, tokenizer, report, size_info(model, None))
         from ..checkpoint import save_quantized
-        from ..quantization import quantize
+        from ..pipeline import quantize
         t0 = time.perf_counter()
         model = quantize(model, self.quant_config(arm, ctx.recipe), report=report, tokenizer=tokenizer,
                          progress=ctx.progress)

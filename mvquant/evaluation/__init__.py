@@ -2,7 +2,7 @@
 
 lm-eval is imported only when an evaluation runs (it costs seconds), not on `import mvquant`.
 """
-from .disruption import Disruption, disrupt, mean_replace_, select_dims
+from .disruption import Disruption, disrupt, mean_replace_
 
 
 def evaluate(*args, **kwargs):
@@ -19,4 +19,4 @@ def register_lm_eval_model():
     return lm.MvquantLM
 
 
-__all__ = ["evaluate", "disrupt", "Disruption", "select_dims", "mean_replace_", "register_lm_eval_model"]
+__all__ = ["evaluate", "disrupt", "Disruption", "mean_replace_", "register_lm_eval_model"]

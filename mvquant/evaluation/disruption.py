@@ -26,11 +26,10 @@ import warnings
 
 import torch
 
-from ..calibration import stats as S
+from ..calibration.selection import DISRUPTIONS, disruption_dims
 from ..errors import MvquantError
 from ..models.adapters import get_layout
 
-MODES = ("massive", "non-massive")
 _UNSET = object()
 
 
@@ -48,49 +47,6 @@ def mean_replace_(x: torch.Tensor, dims: torch.Tensor, token_mask: torch.Tensor)
     replaced = torch.where(m.bool()[:, :, None], mean[:, None, :], sel)
     x[:, :, dims] = replaced.to(x.dtype)
     return x
-
-
-def select_dims(norms: dict[tuple[int, str], torch.Tensor], mode: str = "massive", *, top_k: int | None = None,
-                lam: float | None = None, layers: list[int] | None = None, pairs: bool = False,
-                rope: dict | None = None) -> dict[tuple[int, str], list[list[int]]]:
-    """Per (layer, kind in q/k), per head, the dims to disrupt.
-
-    `norms[(layer, kind)]` is M [heads, head_dim]. 'massive': top_k largest per head, or with `lam`
-    the dims with M > lam x head mean. 'non-massive': per head, as many of the lowest-M dims as the
-    massive selection has there. `pairs` adds RoPE partners (needs `rope`: rotary_dim, pairing).
-    """
-    if mode not in MODES:
-        raise MvquantError(f"unknown disruption '{mode}': use one of {', '.join(MODES)}")
-    if top_k is not None and lam is not None:
-        raise MvquantError("give either --top-k or --lambda for the disruption, not both")
-    if top_k is None and lam is None:
-        top_k = 1  # the paper's setting for Llama-family models
-    available = sorted({layer for layer, _ in norms})
-    chosen = available if layers is None else list(layers)
-    bad = [i for i in chosen if i not in available]
-    if bad:
-        raise MvquantError(f"--layers {bad} out of range: the model has layers 0..{max(available)}")
-    out = {}
-    for layer in chosen:
-        for kind in ("q", "k"):
-            m = norms[(layer, kind)].float()
-            if top_k is not None:
-                if not 0 < top_k <= m.shape[-1]:
-                    raise MvquantError(f"--top-k must be in 1..{m.shape[-1]} (head_dim), got {top_k}")
-                massive = S.massive_by_topk(m, top_k)
-            else:
-                if lam <= 0:
-                    raise MvquantError(f"--lambda must be positive, got {lam}")
-                massive = S.massive_by_lambda(m, lam)
-            if mode == "massive":
-                sel = massive
-            else:
-                sel = [S.lowest_by_topk(m[h:h + 1], len(massive[h]))[0] if massive[h] else []
-                       for h in range(m.shape[0])]
-            if pairs and rope:
-                sel = S.close_pairs(sel, rope["rotary_dim"], rope["pairing"])
-            out[(layer, kind)] = sel
-    return out
 
 
 def _dims_mask(sel: list[list[int]], head_dim: int) -> torch.Tensor:
@@ -219,8 +175,8 @@ def disrupt(model, mode: str = "massive", *, report=None, tokenizer=None, top_k:
     no report, from a quick calibration with `tokenizer` on the default offline text.
     """
     layout = get_layout(model)
-    if mode not in MODES:
-        raise MvquantError(f"unknown disruption '{mode}': use one of {', '.join(MODES)}")
+    if mode not in DISRUPTIONS:
+        raise MvquantError(f"unknown disruption '{mode}': use one of {', '.join(DISRUPTIONS)}")
     if not layout.has_rope:
         warnings.warn(f"disrupting '{layout.model_type}', a model without RoPE: the paper expects no "
                       "concentrated massive values here, so the selected dims are ordinary ones", stacklevel=2)
@@ -239,7 +195,7 @@ def disrupt(model, mode: str = "massive", *, report=None, tokenizer=None, top_k:
         report = load_report(report)
     report.check_matches(layout)
     norms = {(i, kind): report.norm(i, kind) for i in range(layout.num_layers) for kind in ("q", "k")}
-    selection = select_dims(norms, mode, top_k=top_k, lam=lam, layers=layers, pairs=pairs, rope=layout.rope_info())
+    selection = disruption_dims(norms, mode, top_k=top_k, lam=lam, layers=layers, pairs=pairs, rope=layout.rope_info())
     info = {"selection": f"top-{top_k or 1} per head" if lam is None else f"M > {lam} x head mean",
             "pairs": pairs, "source": source}
     return Disruption(model, selection, mode=mode, info=info)

@@ -13,7 +13,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..errors import MvquantError
-from ..models import load_model
+from ..loading import load_model
 from .disruption import disrupt as make_disruption
 from .scoring import score_continuations
 

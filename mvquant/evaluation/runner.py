@@ -159,7 +159,7 @@ def evaluate(model_or_path=None, tasks="contextual,parametric", *, limit=None, d
         name = lm.model_name
     else:
         if model is None:
-            from ..models import load_model
+            from ..loading import load_model
             model, tokenizer = load_model(model_or_path, dtype=dtype)
         name = str(model_or_path or getattr(model.config, "name_or_path", None) or "model")
         kv_args = {}

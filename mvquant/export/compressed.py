@@ -186,8 +186,8 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "rows", dtype: 
                               force: bool = False) -> dict:
     """Write OUT (see the module docstring). Returns the summary also written to mvquant_export.json."""
     from ..checkpoint import load, verify_checkpoint
-    from ..checkpoint import _state_dict_for_saving
-    from ..quantization.api import quantized_modules
+    from ..checkpoint import state_dict_for_saving
+    from ..quantization.linear import quantized_modules
 
     for mod, pkg in (("compressed_tensors", "compressed-tensors"), ("peft", "peft")):
         try:
@@ -239,7 +239,7 @@ def export_compressed_tensors(ckpt, output, *, protect_as: str = "rows", dtype: 
             max_rows = max(max_rows, m.n_protected)
     # everything that is not a quantized linear: embeddings, norms, an unquantized lm_head
     qnames = tuple(f"{n}." for n in modules)
-    for key, t in _state_dict_for_saving(model).items():
+    for key, t in state_dict_for_saving(model).items():
         if not key.startswith(qnames):
             tensors[key] = t.to(tdtype) if t.is_floating_point() else t
     ignore = [n for n, mod in model.named_modules()

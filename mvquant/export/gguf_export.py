@@ -112,7 +112,7 @@ def _staging(ckpt: Path, model, modules: dict, types: dict, protect_as: str, tmp
     """The converter's input (see gguf_convert.py). Returns the export summary."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import _state_dict_for_saving
+    from ..checkpoint import state_dict_for_saving
 
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg.pop("quantization_config", None)
@@ -125,7 +125,7 @@ def _staging(ckpt: Path, model, modules: dict, types: dict, protect_as: str, tmp
             shutil.copy2(f, tmp / f.name)
 
     qnames = tuple(f"{n}." for n in modules)
-    dense = {k: (v.float() if v.is_floating_point() else v) for k, v in _state_dict_for_saving(model).items()
+    dense = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict_for_saving(model).items()
              if not k.startswith(qnames)}
     linears, arrays = {}, {}
     n_bits = n_weights = n_protected = adapter_params = 0
@@ -184,7 +184,7 @@ def export_gguf(ckpt, output, *, protect_as: str = "lora", int4: str = "q5_0", e
                 force: bool = False) -> dict:
     """Write OUT.gguf (+ OUT.protect.gguf), see the module docstring. Returns a summary."""
     from ..checkpoint import load, verify_checkpoint
-    from ..quantization.api import quantized_modules
+    from ..quantization.linear import quantized_modules
 
     if protect_as not in PROTECT_AS:
         raise MvquantError(f"--protect-as '{protect_as}' is not a GGUF form: use lora (default) or f16")

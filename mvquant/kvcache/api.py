@@ -10,7 +10,7 @@ from ..errors import MvquantError
 from .cache import MassiveKVCache
 from .hf import BACKENDS as HF_BACKENDS
 from .hf import backend_bits, hf_quantized_cache, require_backend
-from .quant import SUPPORTED_BITS, packed_bytes
+from ..quantization.registry import BITS as SUPPORTED_BITS
 from .rotation import TURBO_BITS
 
 POLICIES = ("massive", "none", "random")
@@ -93,10 +93,10 @@ def check_layer_types(config) -> None:
 
 
 def protected_channels(model, report, config: KVConfig) -> list[list[list[int]]]:
-    """Per layer, per KV head: the K head dims kept exact (whole RoPE pairs, via protect.select_dims)."""
+    """Per layer, per KV head: the K head dims kept exact (whole RoPE pairs, calibration/selection.py)."""
     from ..calibration import load_report
     from ..models import get_layout
-    from ..quantization.protect import select_dims
+    from ..calibration.selection import select_dims
 
     layout = get_layout(model)
     if config.protect == "none":
@@ -112,6 +112,13 @@ def protected_channels(model, report, config: KVConfig) -> list[list[list[int]]]
     report.check_matches(layout)
     gen = torch.Generator().manual_seed(int(config.seed))
     return [select_dims(config.protect, None, report, layer, "k", layout, gen) for layer in range(layout.num_layers)]
+
+
+def packed_bytes(n_codes: int, bits: int) -> int:
+    """Bytes for n codes packed densely (3-bit codes packed 10 per 32-bit word, as KIVI/GPTQ do)."""
+    if bits == 3:
+        return 4 * -(-n_codes // 10)
+    return -(-n_codes * bits // 8)
 
 
 def bytes_per_token(config: KVConfig, num_kv_heads: int, head_dim: int, protected: list[list[list[int]]],

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import QuantizedCache, QuantizedLayer
 
 from . import rotation as R
-from .quant import dequantize_groups, quantize_groups
+from ..quantization.core import dequantize_groups, quantize_groups
 
 ROTATED = ("turboquant", "rht")   # key layouts that rotate each (token, head) vector (rotation.py)
 

@@ -12,7 +12,11 @@ spec with a model's config and is what the rest of mvquant uses:
   them, before the per-head norm: the rows of W_q/W_k produce these, while attention and the KV cache
   see the normed values. Calibration records both (kinds `q_prenorm`, `k_prenorm`).
 - `projection_rows(kind, dims_per_head)`: (projection module name, weight row indices) that produce
-  the given Q/K/V dims, for protecting rows when quantizing; fused projections included.
+  the given Q/K/V dims, for protecting rows when quantizing; fused projections included. `row_kind`
+  is its inverse: which of q/k/v an output row of a projection produces.
+- `ArchSpec.scale_groups`: the linears that read one input, for AWQ / SmoothQuant (see ScaleGroup).
+
+A new architecture needs one ArchSpec here and nothing else.
 """
 from __future__ import annotations
 
@@ -25,6 +29,59 @@ from ..errors import MvquantError
 
 KINDS = ("q", "k", "v")
 PRENORM_KINDS = {"q": "q_prenorm", "k": "k_prenorm"}   # Q/K before a per-head norm (QK-norm models)
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that read the same input, for AWQ / SmoothQuant (as llm-awq / AutoAWQ / llm-compressor's
+    mappings): the op producing that input (a norm, or a linear whose last output rows feed them), and
+    the module whose output is the search's loss (the attention block for q/k/v, the MLP for gate/up,
+    the linear itself for v->o and up->down). Scaling the linears' input columns by s and dividing
+    `prev`'s output by s leaves the layer's function unchanged, so no division remains at run time;
+    with no such op (a GELU before a down projection) the scale is divided at run time instead."""
+    prev: str | None                 # module (layer-relative) whose output the linears read; None: no op to fold into
+    linears: tuple[str, ...]         # layer-relative names of the linears scaled together
+    inspect: str                     # module whose output is the loss ("" = the whole decoder layer)
+    mha_only: bool = False           # v -> o: only when o's input is v's output (no GQA)
+
+
+LLAMA_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", mha_only=True),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+# Gemma 2/3: post_attention_layernorm normalizes the attention *output*; the MLP reads pre_feedforward_layernorm.
+GEMMA2_GROUPS = (LLAMA_GROUPS[0], LLAMA_GROUPS[1],
+                 ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"), LLAMA_GROUPS[3])
+PHI3_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+    ScaleGroup("self_attn.qkv_proj", ("self_attn.o_proj",), "self_attn.o_proj", mha_only=True),  # v = last rows
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj"),  # up = the last half of the rows
+)
+GPT_NEOX_GROUPS = (  # v rows are interleaved per head in query_key_value: no v -> dense fold (AutoAWQ skips it too)
+    ScaleGroup("input_layernorm", ("attention.query_key_value",), "attention"),
+    ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+    ScaleGroup(None, ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"),  # GELU in between
+)
+GPTJ_GROUPS = (  # parallel attention + MLP read the same ln_1 output: one group, the loss on the whole layer
+    ScaleGroup("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"), ""),
+    ScaleGroup("attn.v_proj", ("attn.out_proj",), "attn.out_proj", mha_only=True),
+    ScaleGroup(None, ("mlp.fc_out",), "mlp.fc_out"),
+)
+GPT2_GROUPS = (
+    ScaleGroup("ln_1", ("attn.c_attn",), "attn"),
+    ScaleGroup("attn.c_attn", ("attn.c_proj",), "attn.c_proj", mha_only=True),
+    ScaleGroup("ln_2", ("mlp.c_fc",), "mlp"),
+    ScaleGroup(None, ("mlp.c_proj",), "mlp.c_proj"),
+)
+OPT_GROUPS = (
+    ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj", mha_only=True),
+    ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+    ScaleGroup("fc1", ("fc2",), "fc2"),  # ReLU(x / s) = ReLU(x) / s for s > 0
+)
 
 
 @dataclass(frozen=True)
@@ -44,24 +101,27 @@ class ArchSpec:
     rope: bool = True
     pairing: str = "half"            # "half": d <-> d + R/2 (HF rotate_half); "interleaved": 2i <-> 2i+1
     transposed_weight: bool = False  # GPT-2 Conv1D stores weight as [in, out]
+    scale_groups: tuple[ScaleGroup, ...] = LLAMA_GROUPS   # AWQ / SmoothQuant groups; () for none
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama", "mistral", "qwen2", "gemma", "gemma2", "olmo", "granite", "smollm3"),
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "gemma", "olmo", "granite", "smollm3"),
              layers="model.layers", attention="self_attn"),
+    ArchSpec("gemma2", ("gemma2",), layers="model.layers", attention="self_attn", scale_groups=GEMMA2_GROUPS),
     ArchSpec("qwen3", ("qwen3", "qwen3_moe"), layers="model.layers", attention="self_attn",
              q_norm="q_norm", k_norm="k_norm", norm_layout="bshd"),
     ArchSpec("gemma3", ("gemma3_text",), layers="model.layers", attention="self_attn",
-             q_norm="q_norm", k_norm="k_norm", norm_layout="bhsd"),
+             q_norm="q_norm", k_norm="k_norm", norm_layout="bhsd", scale_groups=GEMMA2_GROUPS),
     ArchSpec("phi3", ("phi3",), layers="model.layers", attention="self_attn",
-             q=None, k=None, v=None, fused="qkv_proj", fused_layout="concat"),
+             q=None, k=None, v=None, fused="qkv_proj", fused_layout="concat", scale_groups=PHI3_GROUPS),
     ArchSpec("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", attention="attention",
-             q=None, k=None, v=None, fused="query_key_value", fused_layout="per_head"),
+             q=None, k=None, v=None, fused="query_key_value", fused_layout="per_head", scale_groups=GPT_NEOX_GROUPS),
     ArchSpec("gptj", ("gptj",), layers="transformer.h", attention="attn",
-             q="q_proj", k="k_proj", v="v_proj", pairing="interleaved"),
+             q="q_proj", k="k_proj", v="v_proj", pairing="interleaved", scale_groups=GPTJ_GROUPS),
     ArchSpec("gpt2", ("gpt2",), layers="transformer.h", attention="attn", q=None, k=None, v=None,
-             fused="c_attn", fused_layout="concat", rope=False, transposed_weight=True),
-    ArchSpec("opt", ("opt",), layers="model.decoder.layers", attention="self_attn", rope=False),
+             fused="c_attn", fused_layout="concat", rope=False, transposed_weight=True, scale_groups=GPT2_GROUPS),
+    ArchSpec("opt", ("opt",), layers="model.decoder.layers", attention="self_attn", rope=False,
+             scale_groups=OPT_GROUPS),
 )
 SUPPORTED_ARCHITECTURES = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
@@ -209,6 +269,26 @@ class ModelLayout:
         if self.spec.fused:
             offset = {"q": 0, "k": self.num_heads * d, "v": (self.num_heads + self.num_kv_heads) * d}[kind]
         return offset + head * d + dim
+
+    def row_kind(self, module_name: str, row: int) -> str | None:
+        """'q' | 'k' | 'v' for an output row of an attention projection (full or layer-relative module
+        name; fused projections included): the inverse of `row_of`. None for any other module."""
+        parent, _, attr = module_name.rpartition(".")
+        s, d = self.spec, self.head_dim
+        if parent.rpartition(".")[2] != s.attention:
+            return None
+        if not s.fused:
+            return next((kind for kind in KINDS if getattr(s, kind) == attr), None)
+        if attr != s.fused:
+            return None
+        if s.fused_layout == "per_head":
+            return KINDS[(row // d) % 3]
+        nq, nk = self.num_heads * d, self.num_kv_heads * d
+        return "q" if row < nq else "k" if row < nq + nk else "v"
+
+    def produces_qk(self, module_name: str) -> bool:
+        """Whether the module emits Q or K rows (a fused q/k/v projection does)."""
+        return self.row_kind(module_name, 0) in ("q", "k")
 
     def projection_rows(self, kind: str, dims_per_head: list[list[int]]) -> tuple[str, torch.Tensor]:
         if len(dims_per_head) != self.heads(kind):

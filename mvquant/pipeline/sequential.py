@@ -7,7 +7,7 @@
 Only one layer's weights (when streamed) and statistics exist at a time; the hidden states of the
 calibration batches are the only thing carried from one layer to the next. Where weights come from
 and where finished layers go is the `onload` / `offload` pair: a no-op for a model in memory,
-shard reading and writing for `mvquant.pipeline.stream`.
+shard reading and writing for `quantize_to_checkpoint` (pipeline/quantize.py, stream.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..calibration import data as D
 from ..errors import MvquantError
-from ..quantization.layer import LayerContext, is_linear, quantize_layer
+from ..quantization.linear import is_linear
+from ..quantization.methods import LayerContext, quantize_layer
 
 
 class _Stop(Exception):

@@ -1,11 +1,6 @@
-"""Quantize a model directory that need not fit in memory.
-
-The model is built on the meta device (no weights); the tensors outside the decoder layers
-(embeddings, final norm, lm_head) are read first, then each decoder layer's weights are read from
-the safetensors shards when its turn comes, the layer is quantized on the compute device, written to
-the checkpoint as its own shard and dropped. Peak memory: the non-layer tensors, one layer, and the
-calibration hidden states; it does not grow with depth.
-"""
+"""Weights streamed from a model directory's safetensors shards, for a model that need not fit in memory:
+the model skeleton on the meta device, and each tensor read when its decoder layer's turn comes
+(pipeline/quantize.py `quantize_to_checkpoint` drives it)."""
 from __future__ import annotations
 
 import json
@@ -113,130 +108,6 @@ def load_tensors(model, reader: ShardReader, keys: list[str], dtype, device) -> 
         set_module_tensor_to_device(model, key, device, value=t)
 
 
-def compute_device(name: str | None) -> torch.device:
-    """--device: cpu (default), cuda, cuda:N; refused clearly when no GPU is visible."""
-    name = name or "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MvquantError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MvquantError(f"--device {name}: no CUDA GPU is visible to torch (torch.cuda.is_available() is "
-                               "False; a CPU-only torch build, or no driver): drop --device or use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MvquantError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible: "
-                               "use cuda:0 .. cuda:N-1")
-    elif device.type != "cpu":
-        raise MvquantError(f"--device {name} is not supported: use cpu, cuda or cuda:N")
-    return device
-
-
-def quantize_to_checkpoint(model_dir, config, output, *, report=None, tokenizer=None, force: bool = False,
-                           device=None, dtype=None, progress: bool = True, need_bytes=None) -> dict:
-    """Quantize the model in `model_dir` layer by layer, streaming weights in from its shards and the
-    checkpoint out to `output` (written atomically: an interrupted run leaves nothing). Returns the
-    summary. Raises NotStreamable (before any work) when the tensor names do not map."""
-    from ..calibration import data as D  # noqa: F401  (calibration sources)
-    from ..checkpoint import MANIFEST, ShardWriter, finish_checkpoint, storage_cast
-    from ..io import atomic_directory, check_output_path
-    from ..models.adapters import get_layout
-    from ..quantization import activations as A
-    from ..quantization.api import summarize, target_linears, unique_bytes  # noqa: F401
-    from ..quantization.config import storage_dtype
-    from ..quantization.layer import NEEDS
-    from ..quantization.linear import QuantLinear
-    from ..quantization.protect import protected_rows
-    from .sequential import run_sequential
-
-    import time
-    t0 = time.perf_counter()
-    device = compute_device(device) if not isinstance(device, torch.device) else device
-    files = weight_files(model_dir)
-    if files is None:
-        raise NotStreamable("no model.safetensors or model.safetensors.index.json")
-    model, dtype = build_meta_model(model_dir, dtype)
-    layout = get_layout(model)
-    layers_prefix = layout.spec.layers + "."
-    keys = list(model.state_dict().keys())
-    tied = _tied_keys(model)
-    reader = ShardReader(files, keys, getattr(model, "base_model_prefix", "") or "", tied)
-    if report is not None:
-        report.check_matches(layout)
-    # names only: holding the modules would keep each replaced nn.Linear, and the weights onload gave it,
-    # alive to the end (one layer's weights per layer: peak memory grew with depth)
-    targets = list(target_linears(model, config))
-    rows = protected_rows(model, layout, config, report)
-    if need_bytes is not None:
-        check_output_path(output, force=force, kind="dir", need_bytes=int(need_bytes(model, config)),
-                          inputs=(model_dir,), marker=MANIFEST)
-    store = storage_dtype(config.store_dtype, dtype)
-
-    # tensors outside the decoder layers: read once (embeddings are needed for the calibration pass)
-    outer = [k for k in keys if not k.startswith(layers_prefix)]
-    load_tensors(model, reader, outer, dtype, device)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    seqs = None
-    if config.method in NEEDS:
-        seqs = A.calibration_sequences(model, tokenizer, None, samples=config.calib_samples,
-                                       seq_len=config.calib_seq_len, seed=config.seed, source=config.calib_data)
-    kernels: dict[str, int] = {}
-    scaled: list[str] = []
-
-    with atomic_directory(output, force=force, inputs=(model_dir,), marker=MANIFEST) as tmp:
-        writer = ShardWriter(tmp)
-
-        def onload(i, layer, dev):
-            prefix = f"{layout.spec.layers}.{i}."
-            load_tensors(model, reader, [k for k in keys if k.startswith(prefix)], dtype, dev)
-
-        def offload(i, layer, prefix):
-            quantized = {f"{prefix}.{n}" if n else prefix for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
-            for n, m in layer.named_modules():
-                if isinstance(m, QuantLinear):
-                    kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
-                    if m.input_scale is not None:
-                        scaled.append(f"{prefix}.{n}")
-            sd = {f"{prefix}.{k}": t for k, t in layer.state_dict().items()}
-            writer.add({k: storage_cast(k, t, quantized, store) for k, t in sd.items()})
-            writer.flush()  # one shard per layer: nothing of it stays in memory
-            layer.to("meta")
-
-        run_sequential(model, layout, config, rows, seqs, device=device, progress=progress,
-                       onload=onload, offload=offload)
-        seen = set()
-        rest = {}
-        for k, t in model.state_dict().items():
-            if k.startswith(layers_prefix) or t.device.type == "meta":
-                continue
-            ident = (t.data_ptr(), t.dtype, tuple(t.shape))
-            if ident in seen:
-                continue  # tied lm_head: stored once, re-tied on load
-            seen.add(ident)
-            rest[k] = storage_cast(k, t, set(), store)
-        writer.add(rest)
-        n_tensors, weights = writer.close()
-
-        qc = config.to_dict()
-        qc["modules"] = {name: int(rows[name].numel()) if name in rows else 0 for name in targets}
-        qc["input_scale_modules"] = sorted(scaled)
-        qc["dtype"] = str(dtype).replace("torch.", "")
-        qc["report_model"] = report.model if report is not None else None
-        summary = summarize(model, config, seconds=time.perf_counter() - t0)
-        summary["kernels"] = kernels
-        model.config.quantization_config = qc
-        generation = None
-        try:
-            from transformers import GenerationConfig
-            generation = GenerationConfig.from_pretrained(str(model_dir))
-        except (OSError, ValueError):
-            pass
-        finish_checkpoint(tmp, model.config, qc, weights=weights, tokenizer=tokenizer, report=report,
-                          generation_config=generation, summary=summary, n_tensors=n_tensors)
-    return summary
-
-
 def _tied_keys(model) -> set[str]:
     """State-dict keys that are the same tensor as an earlier key (lm_head tied to the embeddings)."""
     seen, tied = {}, set()
@@ -252,7 +123,7 @@ def streamable_dir(name) -> str | None:
     """The local directory of `name` (a model dir or the built-in alias) when it holds safetensors
     weights that can be streamed; None for GGUF files, hub ids, mvquant checkpoints."""
     from ..models.builtin import builtin_model_dir
-    from ..models.loading import resolve_model_source
+    from ..models.sources import resolve_model_source
 
     src = resolve_model_source(name)
     if src["kind"] == "builtin":

@@ -7,26 +7,16 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import MvquantError
 
-BITS = (2, 3, 4, 8)
-# The rules every front end checks against (QuantConfig.validate, compare recipes): one place.
-METHOD_BITS = {"rtn": BITS, "awq": BITS, "gptq": BITS, "smoothquant": (8,), "bnb-nf4": (4,), "bnb-int8": (8,)}
-METHODS = tuple(METHOD_BITS)
-GROUPED_METHODS = ("rtn", "awq", "gptq")          # take a group size; bnb has its own layout, SmoothQuant per row
-PROTECTABLE_METHODS = ("rtn", "awq", "gptq", "smoothquant")
+from .registry import BITS, GRIDS, METHODS, MethodSpec, method_spec
+
 POLICIES = ("massive", "none", "random")          # plus "topk:N"
 PROTECT_PATTERN = r"massive|none|random|topk:[1-9][0-9]*"
 COMPUTE = ("auto", "dequant")
-GRIDS = ("int", "q4_k")                            # grid.py; q4_k: llama.cpp's Q4_K (4-bit, groups of 32)
-GRID_METHODS = ("rtn", "awq", "gptq")
 STORE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Every nn.Linear inside the decoder layers; lm_head and embeddings stay as they are.
 DEFAULT_TARGETS = (r"(^|\.)(layers|h)\.\d+\..*",)
 DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"(^|\.)embed_out$")
-FORMAT = "mvquant.checkpoint/1"
-# Bumped whenever a method's output changes (2: layer-by-layer GPTQ with act-order, AWQ with the block
-# loss and folded scales, fp16/bf16 storage). Caches of results (compare) key on it, so a cell computed
-# by an older implementation is recomputed instead of reused.
-METHOD_REVISION = {"rtn": 2, "awq": 2, "smoothquant": 2, "gptq": 2}
+FORMAT = "mvquant.checkpoint/1"                    # the checkpoint format this config belongs to
 
 
 def storage_dtype(name: str, model_dtype):
@@ -73,10 +63,12 @@ class QuantConfig:
 
     # -- checks ---------------------------------------------------------------------------------
     def validate(self) -> "QuantConfig":
-        if self.method not in METHODS:
-            raise MvquantError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
-        if self.bits not in BITS or isinstance(self.bits, bool):
-            raise MvquantError(f"unsupported bits {self.bits!r}: use one of {', '.join(map(str, BITS))}")
+        spec = method_spec(self.method)
+        if self.bits not in spec.bits or isinstance(self.bits, bool):
+            only = spec.bits != BITS
+            raise MvquantError(f"unsupported bits {self.bits!r} for {self.method}"
+                               + (f" ({spec.summary}: {'/'.join(map(str, spec.bits))}-bit only)" if only else "")
+                               + f": use {' or '.join(f'--bits {b}' for b in spec.bits)}")
         if self.group_size is not None and self.group_size != -1:
             if not isinstance(self.group_size, int) or self.group_size <= 0:
                 raise MvquantError(f"group size must be a positive integer (or -1 for one group per row), "
@@ -85,17 +77,16 @@ class QuantConfig:
             self.group_size = None
         if self.grid not in GRIDS:
             raise MvquantError(f"unknown grid '{self.grid}': use one of {', '.join(GRIDS)}")
+        if self.grid not in spec.grids:
+            raise MvquantError(f"--grid {self.grid} works with "
+                               f"{', '.join(m.name for m in METHODS.values() if self.grid in m.grids)}, not "
+                               f"{self.method}: use --grid int")
         if self.grid == "q4_k":
-            if self.method not in GRID_METHODS:
-                raise MvquantError(f"--grid q4_k works with {', '.join(GRID_METHODS)}, not {self.method}: "
-                                   "use --grid int")
             if self.bits != 4:
                 raise MvquantError(f"--grid q4_k is 4-bit (llama.cpp's Q4_K), got --bits {self.bits}: use --bits 4")
             self.group_size, self.symmetric = 32, False   # Q4_K's sub-blocks, each with its own min
         self.protect_policy()  # raises on a bad policy
         if self.method == "smoothquant":
-            if self.bits != 8:
-                raise MvquantError(f"smoothquant is W8A8: --bits must be 8, got {self.bits}: use --bits 8")
             if self.act_bits is None:
                 self.act_bits = 8
             # W8A8 as in the paper: int8 symmetric weights, one scale per output row
@@ -104,10 +95,6 @@ class QuantConfig:
                 raise MvquantError(f"smoothquant alpha must be in [0, 1], got {self.alpha}: use e.g. --alpha 0.5")
         if self.act_bits not in (None, 8):
             raise MvquantError(f"act_bits must be 8 or None, got {self.act_bits}")
-        if self.method == "bnb-nf4" and self.bits != 4:
-            raise MvquantError(f"bnb-nf4 is 4-bit: use --bits 4 (got {self.bits})")
-        if self.method == "bnb-int8" and self.bits != 8:
-            raise MvquantError(f"bnb-int8 is 8-bit: use --bits 8 (got {self.bits})")
         if self.compute not in COMPUTE:
             raise MvquantError(f"unknown compute '{self.compute}': use one of {', '.join(COMPUTE)}")
         if self.store_dtype not in STORE_DTYPES:
@@ -135,8 +122,8 @@ class QuantConfig:
         return self.protect_policy()[0] in ("massive", "random", "topk")
 
     @property
-    def is_bnb(self) -> bool:
-        return self.method.startswith("bnb-")
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
 
     def is_target(self, name: str) -> bool:
         if any(re.search(p, name) for p in self.ignore):

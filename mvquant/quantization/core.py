@@ -1,4 +1,4 @@
-"""Group-wise integer quantization of a weight matrix: the pure math every method shares.
+"""The integer grids, as pure math: group-wise weights (every method) and groups along any axis (the KV cache).
 
 Asymmetric: w ~ (q - z) * s with q, z in [0, 2^b - 1]. Symmetric: z = 2^(b-1) fixed and
 q in [1, 2^b - 1], so the grid is -(2^(b-1) - 1) .. 2^(b-1) - 1 times s. Scales are kept in fp16
@@ -7,7 +7,19 @@ q in [1, 2^b - 1], so the grid is -(2^(b-1) - 1) .. 2^(b-1) - 1 times s. Scales 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class IntQuantized(NamedTuple):
+    """A weight on the integer grid: what every method hands QuantLinear (unpacked)."""
+    codes: torch.Tensor               # uint8 [rows, in], in [0, 2^bits)
+    scales: torch.Tensor              # fp16 [rows, groups]
+    zeros: torch.Tensor | None        # uint8 [rows, groups]; None when symmetric (z = 2^(bits-1))
+
+    def to(self, device) -> "IntQuantized":
+        return type(self)(*(None if t is None else t.to(device) for t in self))
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:
@@ -80,10 +92,10 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.to(dtype) - z) * s
 
 
-def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip=None):
-    """RTN: (codes uint8 [rows, in], scale fp16 [rows, groups], zero uint8 [rows, groups] | None)."""
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip=None) -> IntQuantized:
+    """Round to nearest on the integer grid."""
     scale, zero = compute_params(w, bits, group_size, symmetric, clip)
-    return quantize_codes(w, scale, zero, bits, group_size), scale, zero
+    return IntQuantized(quantize_codes(w, scale, zero, bits, group_size), scale, zero)
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, clip=None) -> torch.Tensor:
@@ -97,3 +109,57 @@ def quantize_activations_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torc
     scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / qmax
     q = torch.round(x.float() / scale).clamp(-qmax, qmax).to(torch.int8)
     return q, scale
+
+
+# -- groups along any axis, with a float minimum (the KV cache, KIVI's convention) -----------------
+# Keys are quantized per channel (a group is `group_size` consecutive tokens of one channel: the outlier
+# channels get their own range) or per token; values per token. Entries flagged in `exclude` (protected
+# channels, padding, sink tokens) take no part in a group's min/max: they are stored elsewhere in full
+# precision and must not widen the range of the entries that are quantized. Unlike the weight grid the
+# minimum is a float (no integer zero point) and the scale is not rounded to fp16: nothing is stored.
+
+def _along(x: torch.Tensor, dim: int, group_size: int) -> tuple[torch.Tensor, int]:
+    """Move `dim` last and split it into groups of `group_size` (the last group padded by
+    repeating its final entry, which changes neither min nor max). Returns [..., groups, G], length."""
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    pad = (-n) % group_size
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.reshape(*x.shape[:-1], -1, group_size), n
+
+
+def _unalong(g: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    return g.reshape(*g.shape[:-2], -1)[..., :n].movedim(-1, dim)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, dim: int, group_size: int,
+                    exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric `bits`-bit codes of x in groups of `group_size` along `dim`.
+
+    Returns (codes uint8 shaped like x, scale, minimum), scale/minimum shaped [..., groups, 1] with
+    `dim` moved last. x ~ codes * scale + minimum, |error| <= scale / 2 for entries not excluded.
+    """
+    group_size = min(group_size, x.shape[dim])
+    xf = x.float()
+    g, n = _along(xf, dim, group_size)
+    if exclude is not None:
+        e, _ = _along(exclude.expand_as(x), dim, group_size)
+        lo = g.masked_fill(e, float("inf")).amin(-1, keepdim=True)
+        hi = g.masked_fill(e, float("-inf")).amax(-1, keepdim=True)
+        empty = torch.isinf(lo)                 # a group made only of excluded entries
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    else:
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    qmax = 2 ** bits - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    codes = ((g - lo) / scale).round_().clamp_(0, qmax).to(torch.uint8)
+    return _unalong(codes, dim, n), scale, lo
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dim: int,
+                      group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_groups (up to the rounding error)."""
+    group_size = min(group_size, codes.shape[dim])
+    g, n = _along(codes.float(), dim, group_size)
+    return _unalong(g * scale + minimum, dim, n).to(dtype)

@@ -32,21 +32,20 @@ def linear_format(config, in_features: int) -> LinearFormat:
     return LinearFormat("int", FALLBACK_BITS, q4k.SUB, True)
 
 
-def quantize(w: torch.Tensor, config, clip=None) -> tuple:
-    """Round to nearest on the linear's grid: (codes, scales, zeros) or, on q4_k, (codes, superblock,
-    sub_scales). `clip` (AWQ's range search) applies to the integer grid; Q4_K searches its own ranges."""
+def quantize(w: torch.Tensor, config, clip=None) -> core.IntQuantized | q4k.Q4KQuantized:
+    """Round to nearest on the linear's grid. `clip` (AWQ's range search) applies to the integer grid;
+    Q4_K searches its own ranges."""
     f = linear_format(config, w.shape[1])
     if f.grid == "q4_k":
         return q4k.quantize(w)
     return core.quantize_weight(w, f.bits, f.group_size, f.symmetric, clip=clip)
 
 
-def dequantize(quantized: tuple, config, dtype=torch.float32) -> torch.Tensor:
-    codes, a, b = quantized
-    f = linear_format(config, codes.shape[1])
+def dequantize(quantized: core.IntQuantized | q4k.Q4KQuantized, config, dtype=torch.float32) -> torch.Tensor:
+    f = linear_format(config, quantized.codes.shape[1])
     if f.grid == "q4_k":
-        return q4k.dequantize(codes, a, b, dtype)
-    return core.dequantize_codes(codes, a, b, f.bits, f.group_size, dtype)
+        return q4k.dequantize(*quantized, dtype)
+    return core.dequantize_codes(*quantized, f.bits, f.group_size, dtype)
 
 
 def fake_quantize(w: torch.Tensor, config, clip=None) -> torch.Tensor:

@@ -71,11 +71,11 @@ class QuantLinear(torch.nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group_size: int | None,
                     symmetric: bool, protected_rows: torch.Tensor | None = None,
-                    input_scale: torch.Tensor | None = None, quantized: tuple | None = None,
+                    input_scale: torch.Tensor | None = None,
+                    quantized: core.IntQuantized | q4k.Q4KQuantized | None = None,
                     act_bits: int | None = None, compute: str = "auto", grid: str = "int") -> "QuantLinear":
-        """Quantize `weight` [out, in] (RTN unless `quantized` = (codes, scales, zeros) for the
-        non-protected rows of weight * input_scale, as produced by AWQ/GPTQ/SmoothQuant; on the
-        q4_k grid (codes, superblock, sub_scales))."""
+        """Quantize `weight` [out, in]: round to nearest, unless `quantized` holds the non-protected rows
+        of weight * input_scale as a method found them (AWQ, GPTQ)."""
         out_f, in_f = weight.shape
         device = weight.device  # built where the weight lives (CPU or GPU)
         rows = torch.as_tensor([] if protected_rows is None else protected_rows, dtype=torch.long)
@@ -117,11 +117,11 @@ class QuantLinear(torch.nn.Module):
     def zero_points(self) -> torch.Tensor | None:
         return None if self.zeros is None else unpack_bits(self.zeros, self.bits, self.scales.shape[1])
 
-    def quantized(self) -> tuple:
-        """What from_weight's `quantized` takes: (codes, scales, zeros) or, on q4_k, (codes, superblock, sub_scales)."""
+    def quantized(self) -> core.IntQuantized | q4k.Q4KQuantized:
+        """The packed rows unpacked: what from_weight's `quantized` takes."""
         if self.grid == "q4_k":
-            return self.codes(), self.superblock, self.sub_scales
-        return self.codes(), self.scales, self.zero_points()
+            return q4k.Q4KQuantized(self.codes(), self.superblock, self.sub_scales)
+        return core.IntQuantized(self.codes(), self.scales, self.zero_points())
 
     def dequantized_rows(self, dtype=torch.float32) -> torch.Tensor:
         """The packed rows as floats [n_quantized, in] (in the input_scale-multiplied basis)."""
@@ -290,3 +290,40 @@ class QuantLinear(torch.nn.Module):
                 "group_size": self.group_size, "symmetric": self.symmetric, "n_protected": self.n_protected,
                 "bias": self.bias is not None, "input_scale": self.input_scale is not None, "act_bits": self.act_bits,
                 "grid": self.grid}
+
+
+# What a QuantLinear stores, as stored: the checkpoint keeps these as they are (everything else in the
+# store dtype), and loading casts back whatever the loader converted.
+STORED_DTYPES = {"qweight": torch.uint8, "zeros": torch.uint8, "scales": torch.float16,
+                 "superblock": torch.float16, "sub_scales": torch.uint8,
+                 "protected_rows": torch.int32, "protected_weight": torch.float16, "input_scale": torch.float16}
+
+
+def storage_cast(key: str, t: torch.Tensor, quantized: set[str], dtype: torch.dtype | None) -> torch.Tensor:
+    """The tensor as stored: QuantLinear's packed buffers as they are, other floating tensors
+    (embeddings, norms, biases, an untied lm_head) in `dtype` (None: unchanged)."""
+    module, _, attr = key.rpartition(".")
+    if dtype is None or not t.is_floating_point() or (module in quantized and attr in STORED_DTYPES):
+        return t
+    return t.to(dtype)
+
+
+def quantized_modules(model) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+# -- the linears a method replaces ----------------------------------------------------------------
+def is_linear(module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # GPT-2: weight stored [in, out]
+
+
+def linear_weight(module) -> torch.Tensor:
+    """Weight as [out, in] for nn.Linear and GPT-2 Conv1D alike (a view)."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+
+
+def set_module(model, name: str, module: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)

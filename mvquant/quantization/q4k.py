@@ -14,6 +14,8 @@ rounded against those stored values. 144 bytes per 256 weights: 4.5 bits/weight.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -111,10 +113,20 @@ def dequantize(codes: torch.Tensor, superblock: torch.Tensor, sub: torch.Tensor,
     return w.to(dtype)
 
 
-def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round to nearest on the Q4_K grid: (codes uint8 [rows, n], superblock, sub)."""
+class Q4KQuantized(NamedTuple):
+    """A weight on llama.cpp's Q4_K grid (unpacked): w = d * sc * q - dmin * m per sub-block of 32."""
+    codes: torch.Tensor               # uint8 [rows, in], in [0, 16)
+    superblock: torch.Tensor          # fp16 [rows, in / 256, 2]: (d, dmin)
+    sub_scales: torch.Tensor          # uint8 [rows, in / 32, 2]: 6-bit (sc, m)
+
+    def to(self, device) -> "Q4KQuantized":
+        return type(self)(*(t.to(device) for t in self))
+
+
+def quantize(w: torch.Tensor) -> Q4KQuantized:
+    """Round to nearest on the Q4_K grid."""
     superblock, sub = compute_params(w)
-    return quantize_codes(w, *scale_offset(superblock, sub)), superblock, sub
+    return Q4KQuantized(quantize_codes(w, *scale_offset(superblock, sub)), superblock, sub)
 
 
 def to_blocks(codes: torch.Tensor, superblock: torch.Tensor, sub: torch.Tensor) -> np.ndarray:

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from ..linear import linear_weight
+from ..registry import METHODS
+from .context import collect_layer_stats, kept_rows, quantize_module
+from .scaling import _get, fold_into_prev, layer_groups, scale_linears
+
 
 def smooth_scales(x_abs_max: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
     w_max = w.detach().float().abs().amax(0).clamp(min=1e-5)
@@ -16,14 +21,12 @@ def smooth_scales(x_abs_max: torch.Tensor, w: torch.Tensor, alpha: float) -> tor
 
 
 def quantize_layer(ctx) -> None:
-    """SmoothQuant on one decoder layer. Linears that share an input (scaling.py's groups) get one
+    """SmoothQuant on one decoder layer. Linears that share an input (ArchSpec.scale_groups) get one
     s from the max over the group's weights and are folded into the previous norm / linear, as the
     paper's smooth_lm does for the LayerNorm -> q/k/v and -> fc1 pairs; a linear with no op to fold
     into (GQA o_proj, a down projection after GELU) keeps s and divides by it at run time."""
-    from .layer import collect_layer_stats, kept_rows, quantize_module
-    from .scaling import _get, fold_into_prev, layer_groups, scale_linears, weight_view
     cfg, layer = ctx.config, ctx.layer
-    stats = collect_layer_stats(ctx, {"absmax"})
+    stats = collect_layer_stats(ctx, METHODS["smoothquant"].needs)
     local = {ctx.local_name(n): n for n in ctx.linears}
     runtime: dict[str, torch.Tensor] = {}
     done: set[str] = set()
@@ -32,7 +35,7 @@ def quantize_layer(ctx) -> None:
             continue
         ws = []
         for n in g.linears:
-            w = weight_view(_get(layer, n)).detach().float()
+            w = linear_weight(_get(layer, n)).detach().float()
             ws.append(w[kept_rows(w.shape[0], ctx.rows.get(local[n]), w.device)])
         s = smooth_scales(stats[local[g.linears[0]]].abs_max.to(ws[0].device), torch.cat(ws), cfg.alpha)
         if fold:
@@ -43,7 +46,7 @@ def quantize_layer(ctx) -> None:
         done.update(g.linears)
     for n, full in local.items():
         if n not in done:  # no group: its own scale, divided at run time (as before issue 11)
-            w = weight_view(_get(layer, n)).detach().float()
+            w = linear_weight(_get(layer, n)).detach().float()
             wk = w[kept_rows(w.shape[0], ctx.rows.get(full), w.device)]
             runtime[n] = smooth_scales(stats[full].abs_max.to(w.device), wk, cfg.alpha)
         quantize_module(ctx, full, input_scale=runtime.get(n))

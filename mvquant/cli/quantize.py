@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import MvquantError
 from ..io import atomic_write_json, check_output_path
-from .config import BITS, DEFAULT_IGNORE, DEFAULT_TARGETS, GRIDS, METHODS
+from ..quantization.config import BITS, DEFAULT_IGNORE, DEFAULT_TARGETS, GRIDS, METHODS
 
 HELP = "quantize a model to packed int2/3/4/8 with fp16-protected massive Q/K rows and write a checkpoint"
 
@@ -25,9 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, help="calibration report JSON (mvquant calibrate); "
                    "needed by --protect massive / random / topk:N")
     p.add_argument("--protect", default="none", help="massive | none | random (same count, seeded) | topk:N")
-    p.add_argument("--method", default="rtn", help=f"one of {', '.join(METHODS)} (default rtn)")
-    p.add_argument("--bits", type=int, default=None, help=f"one of {', '.join(map(str, BITS))} "
-                   "(default 4; 8 for smoothquant and bnb-int8)")
+    p.add_argument("--method", default="rtn", help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+                   + " (default rtn)")
+    p.add_argument("--bits", type=int, default=None, help=f"one of {', '.join(map(str, BITS))} (default: the "
+                   "method's, " + ", ".join(f"{m.default_bits} for {m.name}" for m in METHODS.values()) + ")")
     p.add_argument("--group-size", type=_group_size, default=None,
                    help="columns per scale (default 128; -1 = one per output row; need not divide in_features)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points); default asymmetric")
@@ -59,11 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its layers from the safetensors shards")
 
 
-def config_from_args(args) -> "QuantConfig":
-    from .config import QuantConfig
+def config_from_args(args):
+    from ..quantization.config import QuantConfig
+    from ..quantization.registry import method_spec
 
     method = args.method
-    bits = args.bits if args.bits is not None else (8 if method in ("smoothquant", "bnb-int8") else 4)
+    spec = method_spec(method)
+    bits = args.bits if args.bits is not None else spec.default_bits
     group = args.group_size
     if method == "smoothquant" and group not in (None, -1):
         raise MvquantError("smoothquant uses one weight scale per output row: drop --group-size (or pass -1)")
@@ -99,7 +101,7 @@ def checkpoint_bytes(model, config) -> int:
 def _warn_unprotected(config, report, layout) -> None:
     """--protect massive/random on a model without RoPE (or with no massive dims), or a method and width
     where protection was measured to hurt (guidance.py): say so, before the work."""
-    from .guidance import protection_warning
+    from ..pipeline.guidance import protection_warning
 
     measured = protection_warning(config.method, config.bits, config.protect)
     if measured:
@@ -120,9 +122,12 @@ def _warn_unprotected(config, report, layout) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..calibration import load_report
     from ..checkpoint import MANIFEST, save_quantized
-    from ..models import get_layout, load_model
-    from ..models.loading import peek_layout
-    from .api import format_summary, quantize
+    from ..loading import load_model
+    from ..models import get_layout
+    from ..models.device import compute_device
+    from ..models.sources import parse_dtype, peek_layout
+    from ..pipeline import quantize
+    from ..quantization import format_summary
 
     config = config_from_args(args)  # bad method / bits / policy / group size fail here, before any work
     inputs = (args.model, args.calibration)
@@ -130,21 +135,19 @@ def run(args: argparse.Namespace) -> int:
         raise MvquantError(f"--protect {config.protect} needs --calibration REPORT.json: run "
                            "mvquant calibrate MODEL --output REPORT.json first, or use --protect none")
     if args.output:
-        if config.is_bnb:
+        if not config.spec.saved:
             raise MvquantError(f"--method {config.method} is an in-memory bitsandbytes baseline and cannot be saved: "
                                "drop --output (the summary is still printed) or use rtn/awq/gptq/smoothquant")
         check_output_path(args.output, force=args.force, kind="dir", inputs=inputs, marker=MANIFEST)
     if args.summary_json:
         check_output_path(args.summary_json, force=args.force, inputs=inputs)
-    if config.is_bnb:
-        from .bnb import require_bnb
+    if config.method.startswith("bnb-"):
+        from ..quantization.methods.bnb import require_bnb
         require_bnb()
     report = load_report(args.calibration) if args.calibration else None
     peeked = peek_layout(args.model)  # from config.json: a report of another model fails before loading
     if report is not None and peeked is not None:
         report.check_matches(peeked)
-    from ..models.loading import parse_dtype
-    from ..pipeline.stream import compute_device
     device = compute_device(args.device)  # --device cuda without a GPU fails here, before any work
     dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
     if args.output and not args.in_memory and _quantize_streaming(args, config, report, peeked, device, dtype):
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype or "float32")
     layout = get_layout(model)
     if report is not None:
-        report.check_matches(layout)
+        if peeked is None:  # checked above from config.json where there is one; quantize() checks again
+            report.check_matches(layout)
         _warn_unprotected(config, report, layout)
     if args.output:  # the weights are known now: is there room for the checkpoint?
         check_output_path(args.output, force=args.force, kind="dir", need_bytes=checkpoint_bytes(model, config),
@@ -173,8 +177,9 @@ def run(args: argparse.Namespace) -> int:
 def _quantize_streaming(args, config, report, peeked, device, dtype) -> bool:
     """Layer by layer from the model directory's safetensors shards straight into the checkpoint.
     False (nothing done) when the model is not a local safetensors directory or its names do not map."""
-    from ..pipeline.stream import NotStreamable, load_tokenizer, quantize_to_checkpoint, streamable_dir
-    from .api import format_summary
+    from ..pipeline import quantize_to_checkpoint
+    from ..pipeline.stream import NotStreamable, load_tokenizer, streamable_dir
+    from ..quantization import format_summary
 
     model_dir = streamable_dir(args.model)
     if model_dir is None:

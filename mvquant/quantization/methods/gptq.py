@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from . import core, grid as grids, q4k
+import warnings
+
+from .. import core, grid as grids, q4k
+from ..linear import linear_weight
+from ..registry import METHODS
+from .context import collect_layer_stats, kept_rows, quantize_module
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None,
@@ -92,7 +97,26 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_si
             w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return (codes, superblock, sub) if k_grid else (codes, scale, zero)
+    return q4k.Q4KQuantized(codes, superblock, sub) if k_grid else core.IntQuantized(codes, scale, zero)
+
+
+def gptq_with_fallback(w: torch.Tensor, hessian: torch.Tensor, config, name: str = ""):
+    """GPTQ on the linear's grid; when the damped Hessian is not positive definite, retry with 10x and
+    100x the damping, then give up on this linear (None: the caller rounds to nearest) with a warning."""
+    damp = config.gptq_damp
+    for attempt in range(3):
+        try:
+            f = grids.linear_format(config, w.shape[1])
+            return gptq_quantize(w, hessian, bits=f.bits, group_size=f.group_size,
+                                 symmetric=f.symmetric, damp=damp, block=config.gptq_block,
+                                 act_order=config.gptq_act_order, grid=f.grid)
+        except torch.linalg.LinAlgError:
+            if attempt < 2:
+                warnings.warn(f"gptq {name}: Cholesky failed at damping {damp:g}; retrying with {damp * 10:g}")
+            damp *= 10
+    warnings.warn(f"gptq {name}: Cholesky failed even with damping {damp / 10:g}: this linear falls back to "
+                  "round-to-nearest")
+    return None
 
 
 # -- one decoder layer at a time ------------------------------------------------------------------
@@ -136,19 +160,18 @@ def input_sets(ctx) -> list[list[str]]:
 
 
 def quantize_layer(ctx) -> None:
-    """GPTQ on one decoder layer, set by set (ctx: mvquant.quantization.layer.LayerContext).
+    """GPTQ on one decoder layer, set by set.
 
     Between sets the quantized weights are written back into the float linears (dequantized, as the
     reference implementations do): the next set's Hessian pass runs a plain matmul instead of the
     int4 kernel, which is slow on long prefills. QuantLinears are built once at the end."""
-    from .layer import collect_layer_stats, gptq_with_fallback, kept_rows, linear_weight, quantize_module
     cfg = ctx.config
     results: dict[str, tuple] = {}
     originals: dict[str, torch.Tensor] = {}
     try:
         for names in input_sets(ctx):
             sub = type(ctx)(**{**ctx.__dict__, "linears": {n: ctx.linears[n] for n in names}})
-            stats = collect_layer_stats(sub, {"hessian"})
+            stats = collect_layer_stats(sub, METHODS["gptq"].needs)
             for name in names:
                 wt = linear_weight(ctx.linears[name])
                 w = wt.detach().float()

@@ -11,7 +11,7 @@ FORMATS = ("compressed-tensors", "gguf")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .compressed import DTYPES, PROTECT_AS
+    from ..export.compressed import DTYPES, PROTECT_AS
 
     p.add_argument("checkpoint", help="an mvquant checkpoint directory (mvquant quantize --output)")
     p.add_argument("--format", default="compressed-tensors", help="compressed-tensors (default) or gguf (llama.cpp)")
@@ -33,12 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .compressed import LORA_DIR, export_compressed_tensors
+    from ..export.compressed import LORA_DIR, export_compressed_tensors
 
     if args.format not in FORMATS:
         raise MvquantError(f"unknown --format '{args.format}': use {' or '.join(FORMATS)}")
     if args.format == "gguf":
-        from .gguf_export import run_cli
+        from ..export.gguf_export import run_cli
         return run_cli(args)
     s = export_compressed_tensors(args.checkpoint, args.output, protect_as=args.protect_as or "rows", dtype=args.dtype,
                                   force=args.force)

@@ -1,38 +1,22 @@
-"""AWQ-style activation-aware scaling (Lin et al. 2023), per linear.
+"""AWQ (Lin et al. 2023) as llm-awq / AutoAWQ / llm-compressor run it: one decoder layer at a time.
 
-1. Scale search: s = mean|x|^a (normalized), a on a grid in [0, 1); keep the s that minimizes
-   ||X W^T - (X / s) Q(W s)^T||^2 over sampled calibration tokens.
+1. Scale search, per scaling group (linears sharing an input, ArchSpec.scale_groups): s from the mean
+   |x| per input channel (duo scaling: and the weights' mean), on a grid of exponents; keep the s that
+   minimizes the error of the group's loss module output (the attention block for q/k/v: the softmax
+   where the massive dims act is inside the loss). s is folded into the previous op where one exists,
+   else kept as the QuantLinear's `input_scale` (divided at run time).
 2. Clipping search: per (row, group), the range ratio c in (0.5, 1] that minimizes the group's
-   output error on the same tokens.
-AutoAWQ folds 1/s into the previous op (norm / linear) and searches one s per group of linears
-that share an input; here each linear keeps its own `input_scale` and divides x by it at run time
-(works for every linear, including o_proj / down_proj, at the cost of one elementwise division).
+   output error on sampled tokens; not for linears that produce Q or K rows.
+Protected rows are never fake-quantized during the search (they stay fp16: exact).
 """
 from __future__ import annotations
 
 import torch
 
-from . import core, grid as grids
-
-
-def awq_search(w: torch.Tensor, x: torch.Tensor, x_abs_mean: torch.Tensor, *, bits: int, group_size: int | None,
-               symmetric: bool, grid: int = 20, clip_grid: int = 10, clip_tokens: int = 256):
-    """w [rows, in], x [tokens, in] -> (input_scale [in], (codes, scale, zero) of w * input_scale)."""
-    w, x = w.detach().float(), x.detach().float()
-    y = x @ w.t()
-    best, best_s = float("inf"), torch.ones(w.shape[1])
-    base = x_abs_mean.float().clamp(min=1e-8)
-    for r in range(grid):
-        a = r / grid
-        s = base.pow(a).clamp(min=1e-4)
-        s = (s / (s.max() * s.min()).sqrt()).clamp(1e-4, 6e4).half().float()  # stored in fp16: search that
-        wq = core.fake_quantize(w * s, bits, group_size, symmetric) / s
-        err = float((x @ wq.t() - y).pow(2).mean())
-        if err < best:
-            best, best_s = err, s
-    s = best_s
-    clip = awq_clip(w * s, x[:clip_tokens] / s, bits=bits, group_size=group_size, symmetric=symmetric, grid=clip_grid)
-    return s, core.quantize_weight(w * s, bits, group_size, symmetric, clip=clip)
+from .. import core, grid as grids
+from ..linear import linear_weight
+from .context import kept_rows, quantize_module
+from .scaling import _get, fold_into_prev, layer_groups, scale_linears
 
 
 def awq_clip(w: torch.Tensor, x: torch.Tensor, *, bits: int, group_size: int | None, symmetric: bool,
@@ -54,12 +38,6 @@ def awq_clip(w: torch.Tensor, x: torch.Tensor, *, bits: int, group_size: int | N
         best_c = torch.where(better, torch.full_like(best_c, c), best_c)
     return best_c
 
-
-# -- AWQ as llm-awq / AutoAWQ / llm-compressor do it: one decoder layer at a time ------------------
-# Per scaling group (linears sharing an input, see scaling.py): grid-search s on the loss of the
-# block's output (the attention block for q/k/v: the softmax where the massive dims act is inside
-# the loss), fold s into the previous op, then clip-search every linear except the Q/K rows, then
-# round. Protected rows are never fake-quantized during the search (they stay fp16: exact).
 
 def grid_params(n_grid: int, duo: bool = True) -> list[tuple[float, bool]]:
     """(ratio, duo) pairs as llm-compressor's AWQModifier: with duo scaling the identity scale
@@ -97,7 +75,6 @@ def _out0(out):
 def _capture(ctx, groups, layer) -> tuple[dict, dict]:
     """One pass of the layer: the inputs (args, kwargs) of every group's loss module per batch and
     the mean |x| per channel of each group's linears' input."""
-    from .scaling import _get
     calls: dict[str, list] = {g.inspect: [] for g, _ in groups}
     xsum: dict[int, list] = {i: [0.0, 0] for i in range(len(groups))}
     handles = []
@@ -133,12 +110,10 @@ def _run_calls(module, calls) -> list[torch.Tensor]:
 
 def search_group_scale(ctx, layer, g, calls, x_mean, *, n_grid: int, duo: bool = True) -> tuple[torch.Tensor, float, float]:
     """Grid search of s for one group on its loss module's output. Returns (s, best loss, loss at s = 1)."""
-    from .layer import kept_rows
-    from .scaling import _get, weight_view
     cfg = ctx.config
     prefix = ctx.prefix + "." if ctx.prefix else ""
     mods = [_get(layer, n) for n in g.linears]
-    w0 = [weight_view(m).detach().clone() for m in mods]
+    w0 = [linear_weight(m).detach().clone() for m in mods]
     keeps = [kept_rows(w.shape[0], ctx.rows.get(prefix + n), w.device) for w, n in zip(w0, g.linears)]
     inspect = _get(layer, g.inspect)
     ref = _run_calls(inspect, calls)
@@ -153,7 +128,7 @@ def search_group_scale(ctx, layer, g, calls, x_mean, *, n_grid: int, duo: bool =
                     wq = w.float().clone()
                     if k.any():
                         wq[k] = grids.fake_quantize(wq[k] * s, cfg) / s
-                    weight_view(m).copy_(wq.to(w.dtype))
+                    linear_weight(m).copy_(wq.to(w.dtype))
             out = _run_calls(inspect, calls)
             loss = float(sum((o.float() - r.float()).pow(2).sum() for o, r in zip(out, ref))
                          / max(1, sum(r.numel() for r in ref)))
@@ -164,7 +139,7 @@ def search_group_scale(ctx, layer, g, calls, x_mean, *, n_grid: int, duo: bool =
     finally:
         with torch.no_grad():
             for m, w in zip(mods, w0):
-                weight_view(m).copy_(w)
+                linear_weight(m).copy_(w)
     if best_s is None:  # every loss was NaN
         best_s = torch.ones_like(xm)
     return best_s, best, identity_loss if identity_loss is not None else best
@@ -172,7 +147,6 @@ def search_group_scale(ctx, layer, g, calls, x_mean, *, n_grid: int, duo: bool =
 
 def _clip_inputs(ctx, layer, names: list[str], max_tokens: int = 512) -> dict[str, torch.Tensor]:
     """Up to max_tokens input rows of each linear, strided over all batches (AutoAWQ samples 512)."""
-    from .scaling import _get
     seen: dict[str, list] = {n: [] for n in names}
     handles = []
     total = sum(h.shape[0] * h.shape[1] if h.dim() == 3 else h.shape[0] for h, _ in ctx.inputs)
@@ -191,11 +165,8 @@ def _clip_inputs(ctx, layer, names: list[str], max_tokens: int = 512) -> dict[st
 
 
 def quantize_layer(ctx) -> None:
-    """AWQ on one decoder layer (ctx: mvquant.quantization.layer.LayerContext)."""
-    from .layer import kept_rows, quantize_module
-    from .scaling import _get, fold_into_prev, layer_groups, qk_row_mask, scale_linears, weight_view
+    """AWQ on one decoder layer."""
     cfg, layer = ctx.config, ctx.layer
-    prefix = ctx.prefix + "." if ctx.prefix else ""
     targets = {ctx.local_name(n) for n in ctx.linears}
     groups = [(g, fold) for g, fold in layer_groups(layer, ctx.layout)
               if all(n in targets for n in g.linears)]
@@ -215,13 +186,14 @@ def quantize_layer(ctx) -> None:
                 for n in g.linears:
                     runtime_scale[n] = s
     local = [ctx.local_name(n) for n in ctx.linears]
-    # Q4_K linears search their own ranges per sub-block (q4k.py): no clipping search on top
-    clip_names = [n for n in local if cfg.awq_clip_grid and not qk_row_mask(ctx.layout, n, 1).all()
-                  and grids.linear_format(cfg, weight_view(_get(layer, n)).shape[1]).grid == "int"]
+    # no clipping for linears that produce Q or K (a fused q/k/v too: the QK^T product amplifies the
+    # error), nor on Q4_K, which searches its own ranges per sub-block (q4k.py)
+    clip_names = [n for n in local if cfg.awq_clip_grid and not ctx.layout.produces_qk(n)
+                  and grids.linear_format(cfg, linear_weight(_get(layer, n)).shape[1]).grid == "int"]
     xs = _clip_inputs(ctx, layer, clip_names) if clip_names else {}
     for full in list(ctx.linears):
         n = ctx.local_name(full)
-        w = weight_view(_get(layer, n)).detach().float()
+        w = linear_weight(_get(layer, n)).detach().float()
         s = runtime_scale.get(n)
         keep = kept_rows(w.shape[0], ctx.rows.get(full), w.device)
         wk = w[keep] * s.to(w.device) if s is not None else w[keep]
@@ -231,6 +203,5 @@ def quantize_layer(ctx) -> None:
             f = grids.linear_format(cfg, wk.shape[1])
             clip = awq_clip(wk.cpu(), x.cpu(), bits=f.bits, group_size=f.group_size, symmetric=f.symmetric,
                             grid=cfg.awq_clip_grid).to(w.device)
-            clip[qk_row_mask(ctx.layout, n, w.shape[0])[keep.cpu()].to(w.device)] = 1.0  # fused qkv: clip v only
         quantized = grids.quantize(wk, cfg, clip=clip) if wk.shape[0] else None
         quantize_module(ctx, full, quantized=quantized, input_scale=s)

@@ -5,8 +5,8 @@ import argparse
 
 from ..errors import MvquantError
 from ..io import atomic_write_bytes, check_output_path
-from .data import DEFAULT_SOURCE
-from .report import stats_path_for
+from ..calibration.data import DEFAULT_SOURCE
+from ..calibration.report import stats_path_for
 
 HELP = "find the massive Q/K dimensions of a RoPE model and write a JSON report (+ stats, + plot)"
 
@@ -50,11 +50,12 @@ def _parse_layers(text: str | None, num_layers: int | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import get_layout, load_model
-    from ..models.loading import peek_layout
-    from .calibrate import calibrate, check_settings
-    from .plot import plot_report
-    from .summary import format_summary
+    from ..loading import load_model
+    from ..models import get_layout
+    from ..models.sources import peek_layout
+    from ..calibration.calibrate import calibrate, check_settings
+    from ..calibration.plot import plot_report
+    from ..calibration.summary import format_summary
 
     # Validate every output path before the (long) pass, so it cannot fail at the end.
     inputs = (args.model, args.data)

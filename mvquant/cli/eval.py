@@ -63,8 +63,8 @@ def _check_disruption_args(args) -> None:
     before the model loads and before a quick calibration."""
     from ..calibration import load_report
     from ..errors import MvquantError
-    from ..models.loading import peek_layout
-    from .lm import parse_layers
+    from ..models.sources import peek_layout
+    from ..evaluation.lm import parse_layers
 
     if args.disrupt is None:
         return
@@ -103,11 +103,11 @@ def _check_kv_args(args) -> dict | None:
     config = KVConfig(bits=args.kv_bits, protect=args.kv_protect, group_size=args.kv_group_size,
                       residual=args.kv_residual, sink=args.kv_sink, axis=args.kv_axis, seed=args.kv_seed,
                       backend=args.kv_backend).check()
-    from .remote import is_url
+    from ..evaluation.remote import is_url
     if is_url(args.model):
         raise MvquantError("--kv-bits quantizes the KV cache inside the model: evaluate a model or checkpoint in this "
                            "process, not a server URL")
-    from ..models.loading import peek_layout
+    from ..models.sources import peek_layout
     layout = peek_layout(args.model)
     if layout is not None and not layout.has_rope and config.protect != "none":
         raise MvquantError(f"--kv-protect {config.protect}: {layout.model_type} has no RoPE, so its keys have no massive "
@@ -123,12 +123,12 @@ def _check_kv_args(args) -> dict | None:
 
 def run(args) -> int:
     from ..errors import MvquantError
-    from .runner import check_limit, evaluate, to_markdown
+    from ..evaluation.runner import check_limit, evaluate, to_markdown
 
     if args.output:
         check_output_path(args.output, force=args.force, inputs=(args.model, args.calibration))
     limit = check_limit(args.limit)
-    from .remote import is_url
+    from ..evaluation.remote import is_url
     if args.engine == "llamacpp" and (is_url(args.model) or not str(args.model).endswith(".gguf")):
         raise MvquantError(f"--engine llamacpp scores a .gguf file (mvquant export --format gguf), not '{args.model}'")
     if args.engine == "llamacpp" and (args.disrupt is not None or args.kv_bits is not None):
@@ -143,7 +143,7 @@ def run(args) -> int:
     kv = _check_kv_args(args)
     if args.max_tokens <= 0:
         raise MvquantError("--max-tokens must be positive")
-    from .remote import is_url
+    from ..evaluation.remote import is_url
     if is_url(args.model) and args.disrupt is not None:
         raise MvquantError("--disrupt edits activations inside the model: evaluate a model or checkpoint in this "
                            "process, not a server URL")

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from . import compare, load_recipe
+    from ..compare import compare, load_recipe
 
     recipe = load_recipe(args.recipe, quick=args.quick)  # validate before touching the output dir
     print(f"compare: recipe '{recipe.name}': {len(recipe.arms)} arms x {len(recipe.tasks)} tasks "

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .server import serve_forever
+    from ..serving.server import serve_forever
 
     check_options(args)
 

@@ -11,12 +11,19 @@ before the weights load and builds their kernel layouts after.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-WEIGHTS_NAME = "model.mvquant.safetensors"
+from ..models.adapters import get_layout
+from ..quantization.config import QuantConfig
+from ..quantization.grid import linear_format
+from ..quantization.linear import STORED_DTYPES, QuantLinear, linear_weight, quantized_modules, set_module
+from ..quantization.summary import summarize
+from .format import WEIGHTS_NAME, verify_checkpoint
 
 
 class MvquantHfConfig(QuantizationConfigMixin):
@@ -53,8 +60,6 @@ class MvquantHfQuantizer(HfQuantizer):
         return getattr(torch, saved) if isinstance(saved, str) and hasattr(torch, saved) else dtype
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from ..checkpoint import verify_checkpoint
-        from pathlib import Path
         if checkpoint_files:
             self._checkpoint_dir = Path(checkpoint_files[0]).parent
             verify_checkpoint(self._checkpoint_dir)
@@ -75,11 +80,6 @@ class MvquantHfQuantizer(HfQuantizer):
 
 def build_empty_modules(model, qc: dict) -> None:
     """Replace each quantized linear by an empty QuantLinear of the same shape (any device, meta included)."""
-    from .api import linear_weight, set_module
-    from .grid import linear_format
-    from .config import QuantConfig
-    from .linear import QuantLinear
-
     config = QuantConfig.from_dict(qc)
     scaled = qc.get("input_scale_modules")
     scaled = set(scaled) if scaled is not None else None  # older checkpoints: by method
@@ -106,24 +106,16 @@ def build_empty_modules(model, qc: dict) -> None:
             model.get_submodule(parent)._is_hf_initialized = True
 
 
-STORED_DTYPES = {"qweight": torch.uint8, "zeros": torch.uint8, "scales": torch.float16,
-                 "superblock": torch.float16, "sub_scales": torch.uint8,
-                 "protected_rows": torch.int32, "protected_weight": torch.float16, "input_scale": torch.float16}
-
-
 def finish_loading(model, qc: dict) -> None:
     """Undo any dtype cast the loader applied to stored tensors (fp16 -> fp32 is exact, so casting back
     restores the stored values) and build each module's kernel layout."""
-    from .api import quantized_modules, summarize
-    from .config import QuantConfig
-
     for module in quantized_modules(model).values():
         for key, dtype in STORED_DTYPES.items():
             t = getattr(module, key)
             if t is not None and t.dtype != dtype:
                 setattr(module, key, t.to(dtype))
         module.prepare()
-    model.mvquant_summary = summarize(model, QuantConfig.from_dict(qc))
+    model.mvquant_summary = summarize(model, QuantConfig.from_dict(qc), get_layout(model))
 
 
 def register() -> None:

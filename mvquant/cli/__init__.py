@@ -14,15 +14,15 @@ import sys
 import threading
 import traceback
 
-from .errors import MvquantError
+from ..errors import MvquantError
 
 VERBS = {
-    "calibrate": "mvquant.calibration.cli",
-    "quantize": "mvquant.quantization.cli",
-    "eval": "mvquant.evaluation.cli",
-    "compare": "mvquant.compare.cli",
-    "export": "mvquant.export.cli",
-    "serve": "mvquant.serving.cli",
+    "calibrate": "mvquant.cli.calibrate",
+    "quantize": "mvquant.cli.quantize",
+    "eval": "mvquant.cli.eval",
+    "compare": "mvquant.cli.compare",
+    "export": "mvquant.cli.export",
+    "serve": "mvquant.cli.serve",
 }
 
 

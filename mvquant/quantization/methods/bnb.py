@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MvquantError
+from ...errors import MvquantError
+from ..linear import linear_weight, set_module
 
 
 def require_bnb():
@@ -18,8 +19,6 @@ def require_bnb():
 
 
 def quantize_bnb(model, targets: dict, config, rows: dict) -> None:
-    from .api import linear_weight, set_module
-
     bnb = require_bnb()
     if rows:
         raise MvquantError(f"--method {config.method} is an external baseline without protection: use --protect none")
