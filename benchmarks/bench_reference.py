@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from mvquant.calibration import data as D
     from mvquant.models.builtin import builtin_model_dir
     from mvquant.pipeline import quantize
-from mvquant.quantization import QuantConfig
+    from mvquant.quantization import QuantConfig
 
     torch.set_num_threads(args.threads)
     tok = mvquant.load_model()[1] if args.skip_fp32 else None
