@@ -14,7 +14,7 @@ import torch
 
 from .errors import MvquantError
 from .models.builtin import builtin_model_dir
-from .models.sources import _first_line, parse_dtype, read_config_json, resolve_model_source
+from .models.sources import first_line, parse_dtype, read_config_json, resolve_model_source
 
 
 def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device_map=None,
@@ -52,9 +52,9 @@ def load_model(name: str | os.PathLike | None = None, *, dtype="float32", device
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
         if src["kind"] == "hub":
-            raise MvquantError(f"could not load '{name}' from the Hugging Face hub or its cache ({_first_line(e)}): "
+            raise MvquantError(f"could not load '{name}' from the Hugging Face hub or its cache ({first_line(e)}): "
                                "check the id and your network, or give a local directory") from None
-        raise MvquantError(f"could not load model from '{name}': {_first_line(e)}: check its files, or re-create "
+        raise MvquantError(f"could not load model from '{name}': {first_line(e)}: check its files, or re-create "
                            "the directory (save_pretrained)") from None
     finally:
         if rows_export:

@@ -153,3 +153,24 @@ def test_rows_for_wrong_head_count_is_an_error():
     layout = get_layout(make_tiny_model("llama"))
     with pytest.raises(MvquantError, match="another model"):
         layout.projection_rows("k", [[1]] * 4)   # 2 KV heads, not 4
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_row_kind_inverts_row_of(arch):
+    """Which of q/k/v a projection row produces (summaries, AWQ's no-clip rule) is the inverse of the row
+    protection uses, fused projections included; every row of the projection has exactly one kind."""
+    model = _model(arch)
+    layout = get_layout(model)
+    attn = f"{layout.spec.layers}.0.{layout.spec.attention}"
+    names = layout.projection_names()
+    for kind in ("q", "k", "v"):
+        for head in range(layout.heads(kind)):
+            for dim in range(layout.head_dim):
+                assert layout.row_kind(f"{attn}.{names[kind]}", layout.row_of(kind, head, dim)) == kind
+    for proj in set(names.values()):
+        rows = model.get_submodule(f"{attn}.{proj}")
+        out = rows.weight.shape[1] if layout.spec.transposed_weight else rows.weight.shape[0]
+        kinds = [layout.row_kind(f"{attn}.{proj}", r) for r in range(out)]
+        assert None not in kinds
+        assert layout.produces_qk(f"{attn}.{proj}") == ("q" in kinds or "k" in kinds)
+    assert layout.row_kind(f"{layout.spec.layers}.0.mlp.up_proj", 0) is None

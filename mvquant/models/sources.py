@@ -64,7 +64,7 @@ def peek_layout(name: str | os.PathLike | None):
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
-        raise MvquantError(f"could not read the config of '{name}': {_first_line(e)}") from None
+        raise MvquantError(f"could not read the config of '{name}': {first_line(e)}") from None
     return get_layout(config)
 
 
@@ -117,5 +117,5 @@ def check_hub_model(name: str) -> None:
                            f"cache, and {host} cannot be reached (offline?): {hint}") from None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

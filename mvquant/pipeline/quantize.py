@@ -27,7 +27,7 @@ from ..quantization.methods.activations import calibration_sequences
 from ..quantization.methods.context import build_quant_linear
 from ..quantization.summary import summarize
 from .sequential import is_router, run_sequential
-from .stream import NotStreamable, ShardReader, _tied_keys, build_meta_model, load_tensors, weight_files
+from .stream import NotStreamable, ShardReader, tied_keys, build_meta_model, load_tensors, weight_files
 
 
 def quantize(model, config: QuantConfig | dict | None = None, report=None, calibration_data=None, tokenizer=None,
@@ -94,7 +94,7 @@ def quantize_to_checkpoint(model_dir, config: QuantConfig, output, *, report=Non
     layout = get_layout(model)
     layers_prefix = layout.spec.layers + "."
     keys = list(model.state_dict().keys())
-    reader = ShardReader(files, keys, getattr(model, "base_model_prefix", "") or "", _tied_keys(model))
+    reader = ShardReader(files, keys, getattr(model, "base_model_prefix", "") or "", tied_keys(model))
     report = _checked_report(report, config, layout)
     # names only: holding the modules would keep each replaced nn.Linear, and the weights onload gave it,
     # alive to the end (one layer's weights per layer: peak memory grew with depth)

@@ -108,7 +108,7 @@ def load_tensors(model, reader: ShardReader, keys: list[str], dtype, device) -> 
         set_module_tensor_to_device(model, key, device, value=t)
 
 
-def _tied_keys(model) -> set[str]:
+def tied_keys(model) -> set[str]:
     """State-dict keys that are the same tensor as an earlier key (lm_head tied to the embeddings)."""
     seen, tied = {}, set()
     for name, p in model.named_parameters(remove_duplicate=False):
